@@ -105,8 +105,13 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
         (None, 10)
     """
     keras = resolve_keras(keras_module)
-    for arg_name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
-                            ("patch_size", patch_size), ("num_classes", num_classes)):
+    for arg_name, value in (
+        ("dim", dim),
+        ("depth", depth),
+        ("kernel_size", kernel_size),
+        ("patch_size", patch_size),
+        ("num_classes", num_classes),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(
                 f"`{arg_name}` must be a positive integer. Received: {arg_name}={value!r}"
@@ -162,7 +167,7 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
 
 
 def load_weights(model, weights: str) -> None:
-    """Loads a Keras weights file, or a PyTorch checkpoint through :mod:`convmixer_tf.pretrained`."""
+    """Loads a Keras weights file, or a PyTorch checkpoint (see :mod:`convmixer_tf.pretrained`)."""
     if not os.path.exists(weights):
         raise ValueError(f"Weights file not found. Received: weights={weights!r}")
     if weights.endswith((".safetensors", ".pth", ".pth.tar", ".pt", ".bin")):

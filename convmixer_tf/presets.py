@@ -58,19 +58,39 @@ PRESETS: dict[str, Preset] = {
         1536, 20, 9, 7, params=51_625_960, top1=81.37, url=_HF.format("convmixer_1536_20")
     ),
     "convmixer_768_32": Preset(
-        768, 32, 7, 7, activation="relu", params=21_110_248, top1=80.16,
+        768,
+        32,
+        7,
+        7,
+        activation="relu",
+        params=21_110_248,
+        top1=80.16,
         url=_HF.format("convmixer_768_32"),
     ),
     "convmixer_1024_20": Preset(
-        1024, 20, 9, 14, params=24_383_464, top1=76.94,
+        1024,
+        20,
+        9,
+        14,
+        params=24_383_464,
+        top1=76.94,
         url=_HF.format("convmixer_1024_20_ks9_p14"),
     ),
     # keras-cv's configuration; no released checkpoint. Accuracy as reported in the paper.
     "convmixer_512_16": Preset(512, 16, 8, 7, top1=73.76),
     # The paper's CIFAR-10 model (reference script): 10 classes, 32x32 input.
     "convmixer_256_8": Preset(
-        256, 8, 5, 2, num_classes=10, input_size=(32, 32), crop_pct=1.0,
-        interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD, params=594_186,
+        256,
+        8,
+        5,
+        2,
+        num_classes=10,
+        input_size=(32, 32),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        params=594_186,
         dataset="cifar10",
     ),
 }
