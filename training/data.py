@@ -1,0 +1,462 @@
+"""Input pipelines: image folders and TensorFlow Datasets, decoded once, batched with tf.data.
+
+Two sources give the same elements, ``(uint8 image (H, W, 3), int32 label)``:
+
+* an image folder ``DIR/<class>/<image>`` (any format ``tf.io.decode_image`` reads: JPEG, PNG,
+  GIF, BMP, WebP; grayscale and RGBA are converted to RGB). Class names are the sorted sub-folder
+  names. ``split`` selects a deterministic part of every class: with the file names sorted, the
+  last ``ceil(validation_fraction * n)`` images of each class are ``"validation"``, the rest
+  ``"train"``; ``"all"`` takes every image. Files that are empty, not an image or truncated are
+  reported by path (a ``logging`` warning), skipped, and counted (:func:`scan_image_folder`);
+* a TFDS dataset by name (``cifar10``, ``cifar100``, ``imagenet2012``, ``imagenette``, ...), read
+  from ``tfds_data_dir`` (TFDS' default when None) and downloaded there on first use, as
+  ``tfds.load`` does. Datasets without a ``validation`` split (CIFAR) use ``test`` for
+  ``"validation"``.
+
+:func:`load_dataset` resizes and batches (no augmentation): evaluation, calibration data for
+quantization, benchmarks. The training pipeline (:mod:`training.augment`) starts from
+:func:`decoded_dataset`, the same decoding code.
+
+Example:
+    >>> from training.data import load_dataset
+    >>> ds, class_names = load_dataset(data_dir="../shared/data/cifar10/train",
+    ...                                split="validation", image_size=32, batch_size=64)
+    >>> images, labels = next(iter(ds))   # float32 (64, 32, 32, 3) in 0..255, int32 (64,)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_FOLDER_SPLITS = ("train", "validation", "all")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+# Cache decoded images in memory when they need less than this (estimated from the first image).
+DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
+
+# Leading bytes of the formats tf.io.decode_image reads, and the last bytes a complete file of
+# that format ends with (None: the format has no fixed trailer). A truncated download is the
+# common corruption; it lacks the trailer.
+_MAGIC = (
+    (b"\xff\xd8\xff", (b"\xff\xd9",)),  # JPEG, ends with the EOI marker
+    (b"\x89PNG\r\n\x1a\n", (b"IEND\xaeB`\x82",)),  # PNG, ends with the IEND chunk
+    (b"GIF87a", (b";",)),
+    (b"GIF89a", (b";",)),
+    (b"BM", None),  # BMP
+    (b"RIFF", None),  # WebP (RIFF....WEBP)
+)
+# JPEG writers may pad after the EOI marker; look for it in the last bytes, not only at the end.
+_TRAILER_WINDOW = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The files of an image folder split, after the corrupt ones were dropped.
+
+    Attributes:
+        paths: image paths, class by class, sorted by file name within a class.
+        labels: the class index of each path.
+        class_names: the sorted class folder names; ``labels`` index into it.
+        skipped: paths of the files that were reported as unreadable and skipped.
+    """
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+def _to_size(image_size: tuple[int, int] | int) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        size = (image_size, image_size)
+    else:
+        size = tuple(image_size)
+    if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+        raise ValueError(
+            "`image_size` must be a positive int or (height, width). "
+            f"Received: image_size={image_size!r}"
+        )
+    return size
+
+
+def check_image_file(path: str) -> str | None:
+    """Returns why ``path`` is not a readable image (empty, unknown format, truncated), or None.
+
+    Reads only the first and last bytes: cheap enough to run over ImageNet's 1.28 M files. A file
+    that passes can still fail to decode; :func:`decoded_dataset` skips those too.
+
+    Example:
+        >>> check_image_file("../shared/data/cifar10/train/cat/0000.jpg") is None
+        True
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - _TRAILER_WINDOW))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot read: {e}"
+    for magic, trailers in _MAGIC:
+        if head.startswith(magic):
+            if trailers is None or any(t in tail for t in trailers):
+                return None
+            return "truncated (no end-of-image marker)"
+    return "not an image TensorFlow can decode (unknown file signature)"
+
+
+def scan_image_folder(
+    data_dir: str,
+    *,
+    split: str = "all",
+    validation_fraction: float = 0.1,
+    limit_per_class: int | None = None,
+    check_files: bool = True,
+) -> ImageFolder:
+    """Lists ``data_dir/<class>/<image>`` and picks the deterministic ``split``.
+
+    Args:
+        data_dir: the folder holding one sub-folder per class.
+        split: ``"train"``, ``"validation"`` (the last ``ceil(validation_fraction * n)`` sorted
+            files of each class) or ``"all"``.
+        validation_fraction: the share of every class held out for validation, in [0, 1).
+        limit_per_class: keep at most this many images of each class (the first ones of the
+            split), for quick runs and tests.
+        check_files: check each file's signature and trailer (:func:`check_image_file`) and skip
+            the bad ones, logging each path and the count.
+
+    Raises:
+        ValueError: the folder is missing, has no class folders, or a split has no image.
+
+    Example:
+        >>> folder = scan_image_folder("../shared/data/cifar10/train", split="validation",
+        ...                            limit_per_class=4)
+        >>> len(folder.paths), folder.class_names[0]
+        (40, 'airplane')
+    """
+    if split not in IMAGE_FOLDER_SPLITS:
+        raise ValueError(
+            f"`split` must be one of {IMAGE_FOLDER_SPLITS} for an image folder. "
+            f"Received: split={split!r}"
+        )
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(
+            "`validation_fraction` must be in [0, 1). "
+            f"Received: validation_fraction={validation_fraction!r}"
+        )
+    if limit_per_class is not None and limit_per_class < 1:
+        raise ValueError(
+            "`limit_per_class` must be positive or None. "
+            f"Received: limit_per_class={limit_per_class}"
+        )
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"Image folder not found or not a directory: {data_dir!r}")
+    class_names = sorted(
+        e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+    if not class_names:
+        raise ValueError(
+            f"Image folder {data_dir!r} has no class sub-folders; expected DIR/<class>/<image>."
+        )
+
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(data_dir, name)
+        files = sorted(
+            e.name for e in os.scandir(class_dir) if e.is_file() and not e.name.startswith(".")
+        )
+        n_val = math.ceil(validation_fraction * len(files)) if split != "all" else 0
+        if split == "train":
+            files = files[: len(files) - n_val]
+        elif split == "validation":
+            files = files[len(files) - n_val :]
+        if limit_per_class is not None:
+            files = files[:limit_per_class]
+        paths.extend(os.path.join(class_dir, f) for f in files)
+        labels.extend([label] * len(files))
+
+    skipped = []
+    if check_files and paths:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            problems = list(pool.map(check_image_file, paths, chunksize=256))
+        keep = [p is None for p in problems]
+        for path, problem in zip(paths, problems, strict=True):
+            if problem is not None:
+                logger.warning("Skipping unreadable image %s: %s", path, problem)
+                skipped.append(path)
+        if skipped:
+            logger.warning(
+                "Skipped %d unreadable image(s) of %d in %s (split %r).",
+                len(skipped),
+                len(paths),
+                data_dir,
+                split,
+            )
+        paths = [p for p, k in zip(paths, keep, strict=True) if k]
+        labels = [y for y, k in zip(labels, keep, strict=True) if k]
+    if not paths:
+        raise ValueError(
+            f"No images in split {split!r} of image folder {data_dir!r} "
+            f"(classes: {class_names}, validation_fraction={validation_fraction})."
+        )
+    return ImageFolder(tuple(paths), tuple(labels), tuple(class_names), tuple(skipped))
+
+
+def decode_image_file(path: tf.Tensor) -> tf.Tensor:
+    """Reads and decodes one image file to uint8 RGB ``(H, W, 3)`` (gray/RGBA converted)."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _tfds_split(builder, split: str) -> str:
+    splits = set(builder.info.splits.keys())
+    if split == "validation" and "validation" not in splits and "test" in splits:
+        logger.info("%s has no 'validation' split; using 'test'.", builder.info.name)
+        return "test"
+    return split
+
+
+def _limit_per_class(ds: tf.data.Dataset, num_classes: int, limit: int) -> tf.data.Dataset:
+    """Keeps the first ``limit`` elements of each class (a stateful scan over the labels)."""
+
+    def step(counts, element):
+        _, label = element
+        counts = tf.tensor_scatter_nd_add(counts, [[label]], [1])
+        return counts, (element, counts[label] <= limit)
+
+    def is_kept(element, keep):
+        return keep
+
+    def drop_flag(element, keep):
+        return element
+
+    ds = ds.scan(tf.zeros([num_classes], tf.int32), step)
+    ds = ds.filter(is_kept).map(drop_flag)
+    return ds.take(num_classes * limit)
+
+
+def decoded_dataset(
+    *,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    split: str = "train",
+    tfds_data_dir: str | None = None,
+    validation_fraction: float = 0.1,
+    limit_per_class: int | None = None,
+    shuffle_files: bool = False,
+    seed: int = 0,
+) -> tuple[tf.data.Dataset, list[str], int | None]:
+    """Decoded, unbatched ``(uint8 image (H, W, 3), int32 label)`` elements of one split.
+
+    Exactly one of ``data_dir`` (image folder) and ``dataset`` (TFDS name) must be given.
+    Images keep their own size; decoding runs in parallel. Images that fail to decode despite
+    passing :func:`check_image_file` are skipped by ``ignore_errors`` (TensorFlow logs them).
+
+    Returns:
+        ``(dataset, class_names, num_examples)``; ``num_examples`` is None when unknown (a TFDS
+        split limited per class).
+
+    Example:
+        >>> ds, names, n = decoded_dataset(data_dir="../shared/data/cifar10/train",
+        ...                                split="validation", limit_per_class=2)
+        >>> n
+        20
+    """
+    if (data_dir is None) == (dataset is None):
+        raise ValueError(
+            "Give exactly one of `data_dir` (an image folder) and `dataset` (a TFDS name). "
+            f"Received: data_dir={data_dir!r}, dataset={dataset!r}"
+        )
+    if data_dir is not None:
+        folder = scan_image_folder(
+            data_dir,
+            split=split,
+            validation_fraction=validation_fraction,
+            limit_per_class=limit_per_class,
+        )
+        ds = tf.data.Dataset.from_tensor_slices(
+            (list(folder.paths), np.asarray(folder.labels, np.int32))
+        )
+        if shuffle_files:
+            # Shuffle the (cheap) file list once per epoch before decoding.
+            ds = ds.shuffle(len(folder.paths), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(
+            lambda path, label: (decode_image_file(path), label),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=not shuffle_files,
+        )
+        ds = ds.ignore_errors(log_warning=True)
+        return ds, list(folder.class_names), len(folder.paths)
+
+    import tensorflow_datasets as tfds  # only TFDS users pay its import time
+
+    try:
+        builder = tfds.builder(dataset, data_dir=tfds_data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"Unknown TFDS dataset {dataset!r}: {e}") from e
+    builder.download_and_prepare()
+    tfds_split = _tfds_split(builder, split)
+    if tfds_split not in builder.info.splits:
+        raise ValueError(
+            f"TFDS dataset {dataset!r} has no split {split!r}. "
+            f"Valid splits: {sorted(builder.info.splits.keys())}"
+        )
+    label_feature = builder.info.features["label"]
+    class_names = list(label_feature.names)
+    ds = builder.as_dataset(
+        split=tfds_split,
+        as_supervised=True,
+        shuffle_files=shuffle_files,
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+    ds = ds.map(
+        lambda image, label: (_to_rgb(image), tf.cast(label, tf.int32)),
+        num_parallel_calls=AUTOTUNE,
+    )
+    num_examples = builder.info.splits[tfds_split].num_examples
+    if limit_per_class is not None:
+        ds = _limit_per_class(ds, len(class_names), limit_per_class)
+        num_examples = None
+    return ds, class_names, num_examples
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 ``(H, W, C)`` with C in {1, 3, 4} -> ``(H, W, 3)``."""
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif channels == 4:
+        image = image[..., :3]
+    elif channels != 3:
+        raise ValueError(f"Images need 1, 3 or 4 channels. Received: shape={image.shape}")
+    return tf.cast(image, tf.uint8)
+
+
+def resize_image(
+    image: tf.Tensor,
+    image_size: tuple[int, int],
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> tf.Tensor:
+    """Evaluation resize as timm does it: resize, then center-crop ``image_size``.
+
+    A square target resizes the shorter side to ``floor(size / crop_pct)`` (aspect ratio kept);
+    a non-square one resizes to ``floor(size / crop_pct)`` per side. Returns uint8, rounded.
+
+    Example:
+        >>> resize_image(tf.zeros([48, 64, 3], tf.uint8), (32, 32)).shape
+        TensorShape([32, 32, 3])
+    """
+    height, width = image_size
+    if height == width:
+        target = math.floor(height / crop_pct)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = target / tf.reduce_min(shape)
+        resize_to = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), target)
+    else:
+        resize_to = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    image = tf.image.resize(image, resize_to, method=interpolation, antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, height, width)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def load_dataset(
+    *,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    split: str = "train",
+    image_size: tuple[int, int] | int,
+    batch_size: int,
+    shuffle: bool = False,
+    tfds_data_dir: str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    limit_per_class: int | None = None,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    cache: bool | None = None,
+    drop_remainder: bool = False,
+) -> tuple[tf.data.Dataset, list[str]]:
+    """Batches of resized, not augmented images: ``(float32 (B, H, W, 3) in 0..255, int32 (B,))``.
+
+    Args:
+        data_dir: an image folder ``DIR/<class>/<image>`` (exclusive with ``dataset``).
+        dataset: a TFDS dataset name, e.g. ``"cifar10"`` (exclusive with ``data_dir``).
+        split: ``"train"``, ``"validation"`` or ``"all"`` for image folders; a TFDS split name
+            for TFDS (``"validation"`` maps to ``"test"`` where there is no validation split).
+        image_size: output ``(height, width)`` or one int for square images.
+        batch_size: images per batch (the last batch may be smaller unless ``drop_remainder``).
+        shuffle: shuffle files and examples (seeded by ``seed``), reshuffled every epoch.
+        tfds_data_dir: TFDS' ``data_dir`` (download and cache location).
+        validation_fraction: image folders: the share of each class in ``"validation"``.
+        seed: shuffle seed.
+        limit_per_class: keep at most this many images per class.
+        crop_pct: evaluation center crop: resize the shorter side to ``size / crop_pct`` first
+            (timm's convention; 1.0 resizes the shorter side to ``size``).
+        interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"`` or ``"area"``.
+        cache: keep decoded, resized images in memory after the first epoch; None (default)
+            caches when the split needs less than 4 GiB at ``image_size``.
+        drop_remainder: drop the last incomplete batch.
+
+    Returns:
+        ``(dataset, class_names)``.
+
+    Raises:
+        ValueError: bad arguments, a missing or empty folder, an unknown TFDS name or split.
+
+    Example:
+        >>> ds, names = load_dataset(data_dir="../shared/data/cifar10/train", split="validation",
+        ...                          image_size=32, batch_size=8, limit_per_class=2)
+        >>> [tuple(x.shape) for x in next(iter(ds))]
+        [(8, 32, 32, 3), (8,)]
+    """
+    size = _to_size(image_size)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}"
+        )
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"`interpolation` must be one of {INTERPOLATIONS}. Received: {interpolation!r}"
+        )
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"`crop_pct` must be in (0, 1]. Received: crop_pct={crop_pct!r}")
+    ds, class_names, num_examples = decoded_dataset(
+        data_dir=data_dir,
+        dataset=dataset,
+        split=split,
+        tfds_data_dir=tfds_data_dir,
+        validation_fraction=validation_fraction,
+        limit_per_class=limit_per_class,
+        shuffle_files=shuffle,
+        seed=seed,
+    )
+    ds = ds.map(
+        lambda image, label: (resize_image(image, size, crop_pct, interpolation), label),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=not shuffle,
+    )
+    if cache is None:
+        cache = num_examples is not None and num_examples * size[0] * size[1] * 3 <= (
+            DEFAULT_CACHE_LIMIT_BYTES
+        )
+    if cache:
+        ds = ds.cache()  # uint8: a quarter of the float32 memory
+    if shuffle:
+        buffer = min(num_examples or 10_000, 10_000)
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
+    return ds.prefetch(AUTOTUNE), class_names
