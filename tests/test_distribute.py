@@ -1,0 +1,247 @@
+"""Tests of training/distribute.py: strategy choice, chief logic, sharding, LR rule, TPU path."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tensorflow as tf
+
+from training import distribute
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TWO_WORKERS = {"worker": ["localhost:12345", "localhost:12346"]}
+
+
+@pytest.fixture
+def no_cluster_env(monkeypatch):
+    for var in ("TF_CONFIG", *distribute.TPU_ENV_VARS):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize(
+    "name, tpu, num_gpus, expected",
+    [
+        ("auto", None, 0, "default"),
+        ("auto", None, 1, "default"),
+        ("auto", None, 4, "mirrored"),
+        ("auto", "local", 4, "tpu"),
+        ("mirrored", None, 0, "mirrored"),
+        ("multi_worker", None, 0, "multi_worker"),
+    ],
+)
+def test_resolve_strategy_name(no_cluster_env, name, tpu, num_gpus, expected):
+    assert distribute.resolve_strategy_name(name, tpu, num_gpus) == expected
+
+
+def test_auto_picks_tpu_from_environment(no_cluster_env, monkeypatch):
+    monkeypatch.setenv("TPU_NAME", "my-tpu")
+    assert distribute.resolve_strategy_name("auto", None, num_gpus=8) == "tpu"
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(ValueError, match="strategy='mirored'"):
+        distribute.resolve_strategy_name("mirored")
+
+
+def test_default_strategy_from_args_namespace(no_cluster_env):
+    import argparse
+
+    args = argparse.Namespace(strategy="default", cpu_replicas=0, tpu=None)
+    strategy = distribute.make_strategy(args)
+    assert strategy.num_replicas_in_sync == 1
+    assert "1 replica" in distribute.describe_strategy(strategy)
+
+
+def test_multi_worker_without_tf_config_fails_clearly(no_cluster_env):
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        distribute.make_strategy({"strategy": "multi_worker"})
+
+
+def test_tpu_strategy_without_tpu_fails_clearly(no_cluster_env):
+    # No TPU name and no TPU_NAME: the resolver cannot be built; the error says what to pass.
+    with pytest.raises(RuntimeError, match=r"No TPU found at tpu=None.*--tpu"):
+        distribute.make_strategy({"strategy": "tpu"})
+
+
+def test_cpu_replicas_after_device_init_fails_clearly():
+    tf.constant(1.0)  # TensorFlow has initialized its devices in this process.
+    already = len(tf.config.list_logical_devices("CPU"))
+    with pytest.raises(RuntimeError, match="already initialized"):
+        distribute.configure_cpu_replicas(already + 1)
+
+
+def test_cpu_replicas_must_be_positive():
+    with pytest.raises(ValueError, match="cpu_replicas=0"):
+        distribute.configure_cpu_replicas(0)
+
+
+@pytest.mark.parametrize(
+    "tf_config, expected",
+    [
+        (None, True),
+        ({"cluster": TWO_WORKERS, "task": {"type": "worker", "index": 0}}, True),
+        ({"cluster": TWO_WORKERS, "task": {"type": "worker", "index": 1}}, False),
+        (
+            {"cluster": {**TWO_WORKERS, "chief": ["localhost:1"]}, "task": {"type": "worker"}},
+            False,
+        ),
+        ({"cluster": {**TWO_WORKERS, "chief": ["localhost:1"]}, "task": {"type": "chief"}}, True),
+    ],
+)
+def test_is_chief_from_tf_config(monkeypatch, tf_config, expected):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    assert distribute.is_chief() is expected
+
+
+def test_bad_tf_config_names_the_problem(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        distribute.is_chief()
+
+
+def test_chief_writes_to_the_real_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    target = tmp_path / "run"
+    with distribute.chief_write_dir(str(target)) as out:
+        pathlib.Path(out, "model.txt").write_text("chief")
+    assert (target / "model.txt").read_text() == "chief"
+
+
+def test_non_chief_writes_to_a_temp_dir_it_deletes(tmp_path, monkeypatch):
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": TWO_WORKERS, "task": {"type": "worker", "index": 1}})
+    )
+    target = tmp_path / "run"
+    with distribute.chief_write_dir(str(target)) as out:
+        pathlib.Path(out, "model.txt").write_text("worker 1")
+        assert pathlib.Path(out).resolve() != target.resolve()
+    assert not target.exists()
+    assert not pathlib.Path(out).exists()
+
+
+def test_multi_worker_trains_with_tf_keras():
+    assert distribute.keras_module_for("multi_worker") == "tf_keras"
+    assert distribute.keras_module_for("mirrored") == "keras"
+    assert distribute.keras_module_for("default", "tf_keras") == "tf_keras"
+    with pytest.raises(ValueError, match="20585"):
+        distribute.keras_module_for("multi_worker", "keras")
+
+
+@pytest.mark.parametrize(
+    "rule, global_batch, expected",
+    [("linear", 1024, 0.1), ("linear", 128, 0.0125), ("sqrt", 2048, 0.1), ("none", 4096, 0.05)],
+)
+def test_learning_rate_scaling(rule, global_batch, expected):
+    lr = distribute.scale_learning_rate(0.05, global_batch, base_batch=512, rule=rule)
+    assert lr == pytest.approx(expected)
+
+
+def test_learning_rate_scaling_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="lr_scaling"):
+        distribute.scale_learning_rate(0.05, 64, 512, rule="cubic")
+
+
+@pytest.mark.parametrize("policy", ["data", "file", "off", "auto"])
+def test_shard_policy_is_set_on_the_dataset(policy):
+    ds = distribute.with_shard_policy(tf.data.Dataset.range(8).batch(2), policy)
+    actual = ds.options().experimental_distribute.auto_shard_policy
+    assert actual == distribute.SHARD_POLICIES[policy]
+
+
+def test_shard_policy_rejects_unknown_name():
+    with pytest.raises(ValueError, match="shard_policy"):
+        distribute.with_shard_policy(tf.data.Dataset.range(2), "rows")
+
+
+def test_tpu_input_pipeline_needs_static_shapes():
+    images = tf.data.Dataset.from_tensor_slices(tf.zeros([10, 16, 16, 3]))
+    distribute.check_static_shapes(images.batch(4, drop_remainder=True))
+    with pytest.raises(ValueError, match="drop_remainder=True"):
+        distribute.check_static_shapes(images.batch(4))
+    assert not distribute.needs_static_shapes(tf.distribute.get_strategy())
+
+
+def test_precision_policy():
+    assert distribute.precision_policy(False) == "float32"
+    expected = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    assert distribute.precision_policy(True) == expected
+    with pytest.raises(ValueError, match="precision"):
+        distribute.set_precision_policy("float8")
+
+
+# Runs in a fresh process: the CPU must be split before TensorFlow initializes its devices.
+# The same tiny model, same initial weights, same 4 batches of 8 (no shuffling, no augmentation),
+# trained once on one replica and once on 2 mirrored CPU replicas (4 images each).
+_EQUIVALENCE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import logging
+    import numpy as np
+    from training import distribute
+
+    logging.basicConfig(level=logging.INFO)
+    mirrored = distribute.make_strategy({"strategy": "mirrored", "cpu_replicas": 2})
+    import keras
+    import tensorflow as tf
+    import convmixer_tf
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (32, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, 5, 32).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+
+    def train(strategy, synchronized_bn, weights=None):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = convmixer_tf.ConvMixer(16, 1, kernel_size=3, patch_size=4,
+                                           input_shape=(16, 16, 3), num_classes=5,
+                                           synchronized_bn=synchronized_bn)
+            if weights is not None:
+                model.set_weights(weights)
+            model.compile(optimizer=keras.optimizers.SGD(0.1),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        initial = model.get_weights()
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
+        return initial, model.get_weights()
+
+    result = {"replicas": mirrored.num_replicas_in_sync}
+    for sync in (True, False):
+        initial, single = train(tf.distribute.get_strategy(), sync)
+        _, multi = train(mirrored, sync, initial)
+        result[f"sync={sync}"] = {
+            "max_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single, multi)),
+            "max_update": max(float(np.max(np.abs(a - b))) for a, b in zip(single, initial)),
+        }
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+# Documented tolerance: float32 sums taken in a different order (per replica, then all-reduced).
+REPLICA_ATOL = 1e-5
+
+
+@pytest.mark.slow
+def test_sync_bn_mirrored_replicas_match_one_replica(tmp_path):
+    script = tmp_path / "equivalence.py"
+    script.write_text(_EQUIVALENCE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MirroredStrategy with 2 replicas" in done.stderr
+    line = next(li for li in done.stdout.splitlines() if li.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["replicas"] == 2
+    synced, unsynced = result["sync=True"], result["sync=False"]
+    assert synced["max_update"] > 0.01  # the weights did move
+    assert synced["max_diff"] < REPLICA_ATOL
+    # Without synchronized BN each replica normalizes its own 4 images: the runs diverge.
+    assert unsynced["max_diff"] > 100 * REPLICA_ATOL
