@@ -9,6 +9,7 @@ Example:
 
 from convmixer_tf.model import ConvMixer, create_model
 from convmixer_tf.presets import PRESETS, Preset, get_preset
+from convmixer_tf.pretrained import load_pretrained
 
-__all__ = ["ConvMixer", "PRESETS", "Preset", "create_model", "get_preset"]
+__all__ = ["ConvMixer", "PRESETS", "Preset", "create_model", "get_preset", "load_pretrained"]
 __version__ = "0.1.0"

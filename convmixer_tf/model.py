@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from collections.abc import Sequence
 
 from convmixer_tf import blocks, presets
@@ -89,8 +88,9 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
         activation: ``"gelu"`` (exact, erf form, as PyTorch's nn.GELU) or ``"relu"``.
         mean, std: per-channel statistics of the preprocessing, in [0, 1] pixel units.
         synchronized_bn: synchronize BatchNorm statistics across replicas (tf.distribute).
-        weights: None (random initialization) or the path of a Keras weights file
-            (``.weights.h5``) or of a PyTorch checkpoint (see :func:`convmixer_tf.load_pretrained`).
+        weights: None (random initialization), the path of a Keras weights file
+            (``.weights.h5``), the path or URL of a PyTorch checkpoint (see
+            :func:`convmixer_tf.load_pretrained`), or ``"imagenet"`` (the published checkpoint).
         name: the model's name.
         keras_module: ``"keras"`` (Keras 3, default), ``"tf_keras"`` or a keras-like module.
 
@@ -167,15 +167,19 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
 
 
 def load_weights(model, weights: str) -> None:
-    """Loads a Keras weights file, or a PyTorch checkpoint (see :mod:`convmixer_tf.pretrained`)."""
-    if not os.path.exists(weights):
-        raise ValueError(f"Weights file not found. Received: weights={weights!r}")
-    if weights.endswith((".safetensors", ".pth", ".pth.tar", ".pt", ".bin")):
-        from convmixer_tf import pretrained
+    """Loads ``weights`` into ``model``: ``"imagenet"``, the URL or path of a PyTorch checkpoint
+    (see :func:`convmixer_tf.load_pretrained`), or a Keras weights file.
 
-        pretrained.load_pretrained(model, weights)
+    ``"imagenet"`` is the published checkpoint of the preset with the model's architecture; URLs
+    are downloaded once into the Keras cache (see :func:`convmixer_tf.pretrained.fetch_checkpoint`).
+    """
+    from convmixer_tf import pretrained
+
+    path = pretrained.resolve_weights(model, weights)
+    if path.endswith(pretrained.CHECKPOINT_SUFFIXES):
+        pretrained.load_pretrained(model, path)
     else:
-        model.load_weights(weights)
+        model.load_weights(path)
 
 
 def create_model(name: str, **overrides):
