@@ -1,0 +1,86 @@
+"""Overhead of MirroredStrategy over N logical CPU replicas against one replica, same process.
+
+The host CPU is split into ``--replicas`` logical devices (training.distribute); the same model
+then trains on the same synthetic batches (global batch ``--batch-size``) under the default
+strategy (one replica) and under MirroredStrategy (N replicas), alternating ``--repeats`` times
+so that load from other processes hits both alike. Prints img/s of each and their ratio.
+
+Example::
+
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/mirrored_overhead.py --replicas 2 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training import distribute  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="convmixer_256_8", help="convmixer_tf preset")
+    parser.add_argument("--activation", default="relu", choices=("gelu", "relu"))
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating measurements")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    mirrored = distribute.make_strategy({"strategy": "mirrored", "cpu_replicas": args.replicas})
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import convmixer_tf
+
+    preset = convmixer_tf.get_preset(args.model)
+    rng = np.random.default_rng(0)
+    shape = (args.batch_size, *preset.input_size, 3)
+    images = rng.uniform(0, 255, shape).astype("float32")
+    labels = rng.integers(0, preset.num_classes, args.batch_size).astype("int32")
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+    def build(strategy):
+        with strategy.scope():
+            model = convmixer_tf.create_model(
+                args.model, activation=args.activation, synchronized_bn=True
+            )
+            model.compile(
+                optimizer=keras.optimizers.AdamW(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        model.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+        return model
+
+    models = {"1 replica": build(tf.distribute.get_strategy()), "mirrored": build(mirrored)}
+    seconds = {name: 0.0 for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+            seconds[name] += time.perf_counter() - start
+    images_seen = args.repeats * args.steps * args.batch_size
+    result = {
+        "model": f"{args.model} ({args.activation})",
+        "global_batch": args.batch_size,
+        "replicas": mirrored.num_replicas_in_sync,
+        "img_per_s": {name: round(images_seen / s, 2) for name, s in seconds.items()},
+    }
+    result["mirrored_over_single"] = round(seconds["1 replica"] / seconds["mirrored"], 3)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
