@@ -1,0 +1,236 @@
+"""The training input pipeline: the paper's augmentations on top of :mod:`training.data`.
+
+Per image (before batching, images keep their own size until here): random resized crop
+(``tf.image.sample_distorted_bounding_box``; Keras 3 has no RandomResizedCrop layer). Per batch,
+with Keras 3's own layers, which run inside ``tf.data`` with the TensorFlow backend: horizontal
+flip (``RandomFlip``), ``RandAugment``, ``RandomColorJitter``, ``RandomErasing``, then ``MixUp``
+or ``CutMix`` (one of the two per batch, each with probability 1/2 when both are on, as timm
+switches between them). Labels leave as one-hot float32 so that mixed labels and label
+smoothing (in the loss) work the same way.
+
+Keras' RandAugment takes a ``factor`` in [0, 1] and samples each op's strength up to it; a
+recipe's magnitude ``m`` out of ``m_max`` (torchvision: 30 bins, timm: 10) becomes
+``factor = m / m_max``.
+
+Example:
+    >>> from training.config import TrainConfig
+    >>> from training.augment import make_train_dataset
+    >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", batch_size=8,
+    ...                      limit_per_class=4)
+    >>> ds, class_names, steps = make_train_dataset(config)
+    >>> images, labels = next(iter(ds))   # (8, 32, 32, 3) float32 0..255, (8, 10) one-hot
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import tensorflow as tf
+
+from training import data
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+# timm's RandomErasing area range (fraction of the image).
+ERASING_SCALE = (0.02, 1.0 / 3.0)
+# Shuffle at most this many decoded images (memory bound for large images).
+MAX_SHUFFLE_BUFFER = 10_000
+
+
+def random_resized_crop(
+    image: tf.Tensor,
+    size: tuple[int, int],
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    interpolation: str = "bilinear",
+) -> tf.Tensor:
+    """torchvision's RandomResizedCrop: a random box of ``scale`` x area and ``ratio``, resized.
+
+    Falls back to the whole image when no box fits in 10 attempts. Returns float32 in 0..255.
+
+    Example:
+        >>> random_resized_crop(tf.zeros([40, 50, 3], tf.uint8), (32, 32)).shape
+        TensorShape([32, 32, 3])
+    """
+    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, 3])
+    image = tf.image.resize(image, size, method=interpolation, antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+class BatchAugmenter:
+    """The per-batch Keras augmentation layers of a config, built once, applied in ``tf.data``.
+
+    Call it on ``(images float32 (B, H, W, 3) in 0..255, one-hot labels (B, C))``.
+
+    Example:
+        >>> augment = BatchAugmenter(TrainConfig(mixup_alpha=0.2))
+        >>> images, labels = augment(tf.zeros([4, 32, 32, 3]), tf.one_hot([0, 1, 2, 3], 10))
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        seed = config.seed
+        self.layers: list[keras.layers.Layer] = []
+        if config.hflip:
+            self.layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        if config.randaugment_ops > 0 and config.randaugment_magnitude > 0:
+            factor = min(1.0, config.randaugment_magnitude / config.randaugment_magnitude_max)
+            self.layers.append(
+                keras.layers.RandAugment(
+                    value_range=(0, 255),
+                    num_ops=config.randaugment_ops,
+                    factor=factor,
+                    interpolation="bilinear",
+                    seed=seed,
+                )
+            )
+        if config.color_jitter > 0:
+            jitter = config.color_jitter
+            self.layers.append(
+                keras.layers.RandomColorJitter(
+                    value_range=(0, 255),
+                    brightness_factor=jitter,
+                    contrast_factor=jitter,
+                    saturation_factor=(max(0.0, 0.5 - jitter / 2), min(1.0, 0.5 + jitter / 2)),
+                    seed=seed,
+                )
+            )
+        if config.random_erasing > 0:
+            self.layers.append(
+                keras.layers.RandomErasing(
+                    factor=config.random_erasing,
+                    scale=ERASING_SCALE,
+                    value_range=(0, 255),
+                    seed=seed,
+                )
+            )
+        self.mixup = (
+            keras.layers.MixUp(config.mixup_alpha, seed=seed) if config.mixup_alpha else None
+        )
+        self.cutmix = (
+            keras.layers.CutMix(config.cutmix_alpha, seed=seed) if config.cutmix_alpha else None
+        )
+
+    def __call__(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        for layer in self.layers:
+            images = layer(images, training=True)
+        images = tf.clip_by_value(images, 0.0, 255.0)
+        if self.mixup is None and self.cutmix is None:
+            return images, labels
+        batch = {"images": images, "labels": labels}
+        if self.mixup is not None and self.cutmix is not None:
+            out = tf.cond(
+                tf.random.uniform([]) < 0.5,
+                lambda: self.mixup(batch, training=True),
+                lambda: self.cutmix(batch, training=True),
+            )
+        else:
+            out = (self.mixup or self.cutmix)(batch, training=True)
+        return out["images"], tf.cast(out["labels"], tf.float32)
+
+
+def _should_cache(ds: tf.data.Dataset, num_examples: int | None, cache: bool | None) -> bool:
+    """``cache`` if given; otherwise whether the decoded split fits the memory budget."""
+    if cache is not None:
+        return cache
+    if num_examples is None:
+        return False
+    first_image, _ = next(iter(ds.take(1)))
+    estimate = num_examples * int(tf.size(first_image))
+    return estimate <= data.DEFAULT_CACHE_LIMIT_BYTES
+
+
+def make_train_dataset(config: TrainConfig) -> tuple[tf.data.Dataset, list[str], int]:
+    """The augmented, shuffled, repeated training pipeline of ``config``.
+
+    Yields ``(float32 images (B, S, S, 3) in 0..255, float32 one-hot labels (B, C))`` with
+    ``B = config.batch_size`` (the global batch; full batches only) and ``S = image_size``.
+
+    Returns:
+        ``(dataset, class_names, steps_per_epoch)``: the dataset repeats forever;
+        ``steps_per_epoch`` is ``config.steps_per_epoch`` or one pass over the split.
+
+    Raises:
+        ValueError: the split has fewer images than one batch.
+    """
+    ds, class_names, num_examples = data.decoded_dataset(
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        split=config.train_split,
+        tfds_data_dir=config.tfds_data_dir,
+        validation_fraction=config.validation_fraction,
+        limit_per_class=config.limit_per_class,
+        shuffle_files=True,
+        seed=config.seed,
+    )
+    if _should_cache(ds, num_examples, config.cache):
+        ds = ds.cache()
+    steps = config.steps_per_epoch
+    if steps is None:
+        if num_examples is None:
+            raise ValueError(
+                "The size of the training split is unknown (a TFDS split limited per class): "
+                "set `steps_per_epoch`."
+            )
+        steps = num_examples // config.batch_size
+    if steps < 1:
+        raise ValueError(
+            f"The training split has {num_examples} images, fewer than one batch of "
+            f"{config.batch_size}: lower `batch_size`."
+        )
+    size = (config.image_size, config.image_size)
+    num_classes = len(class_names)
+    buffer = min(num_examples or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
+    ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
+
+    def crop(image, label):
+        image = random_resized_crop(image, size, config.scale, config.ratio, config.interpolation)
+        return image, tf.one_hot(label, num_classes, dtype=tf.float32)
+
+    ds = ds.map(crop, num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.batch(config.batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(BatchAugmenter(config), num_parallel_calls=AUTOTUNE, deterministic=False)
+    return ds.prefetch(AUTOTUNE), class_names, steps
+
+
+def make_validation_dataset(
+    config: TrainConfig, num_classes: int | None = None
+) -> tuple[tf.data.Dataset, list[str]]:
+    """The validation split of ``config``, resized as for evaluation, one-hot labels.
+
+    Batches are ``config.batch_size``; the last one may be smaller. ``num_classes`` (the
+    training split's) checks that both splits have the same classes.
+    """
+    ds, class_names = data.load_dataset(
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        split=config.val_split,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        tfds_data_dir=config.tfds_data_dir,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        limit_per_class=config.limit_per_class,
+        crop_pct=config.crop_pct,
+        interpolation=config.interpolation,
+        cache=config.cache,
+    )
+    if num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"The validation split has {len(class_names)} classes, the training split "
+            f"{num_classes}."
+        )
+    depth = len(class_names)
+    ds = ds.map(lambda images, labels: (images, tf.one_hot(labels, depth, dtype=tf.float32)))
+    return ds, class_names

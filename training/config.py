@@ -1,0 +1,305 @@
+"""The training configuration: one typed dataclass, named recipes as JSON files, overrides.
+
+A recipe is ``training/recipes/<name>.json``: a JSON object whose keys are :class:`TrainConfig`
+fields. :func:`from_recipe` loads it over the defaults; :func:`apply_overrides` changes fields
+from the command line (values as typed Python values or as strings to parse); both reject an
+unknown key with a ValueError naming it and listing the valid ones.
+
+Example:
+    >>> from training.config import from_recipe, apply_overrides
+    >>> config = from_recipe("cifar10_convmixer_256_8")
+    >>> config = apply_overrides(config, {"epochs": "2", "batch_size": 64})
+    >>> config.epochs, config.lr_max
+    (2, 0.05)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+RECIPES_DIR = pathlib.Path(__file__).resolve().parent / "recipes"
+KERAS_MODULES = ("auto", "keras", "tf_keras")
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+SHARD_POLICIES = ("auto", "data", "file", "off")
+LR_SCHEDULES = ("onecycle", "constant")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. ``batch_size`` is the GLOBAL batch.
+
+    The fields are grouped as: model, data, optimization, augmentation, run, distribution.
+    ``training/recipes/*.json`` set some of them; the rest keep these defaults.
+    """
+
+    description: str = ""
+    recipe: str = ""
+    # Model: a preset of convmixer_tf (its architecture, overridden field by field).
+    model: str = "convmixer_256_8"
+    dim: int | None = None
+    depth: int | None = None
+    kernel_size: int | None = None
+    patch_size: int | None = None
+    activation: str | None = None
+    keras_module: str = "auto"  # auto: tf_keras for multi_worker, Keras 3 otherwise
+    # Data: an image folder (data_dir) or a TFDS dataset (dataset), exactly one.
+    data_dir: str | None = None
+    dataset: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "validation"  # None: no validation
+    validation_fraction: float = 0.1
+    limit_per_class: int | None = None
+    image_size: int = 32
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    cache: bool | None = None
+    # Optimization: AdamW, triangular one-cycle lr stepped per batch, global-norm clipping.
+    epochs: int = 25
+    batch_size: int = 512
+    steps_per_epoch: int | None = None
+    lr_max: float = 0.01
+    lr_schedule: str = "onecycle"
+    lr_scaling: str = "none"  # scale lr_max to batch_size from base_batch_size
+    base_batch_size: int | None = None
+    weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    clip_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_momentum: float = 0.9999
+    # Augmentation (training split only).
+    scale: tuple[float, float] = (0.75, 1.0)
+    ratio: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = True
+    randaugment_ops: int = 2
+    randaugment_magnitude: float = 12.0
+    randaugment_magnitude_max: float = 30.0
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # Run.
+    seed: int = 0
+    output_dir: str = "runs/default"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    verbose: int = 1
+    # Distribution (read by training.distribute.make_strategy).
+    strategy: str = "auto"
+    cpu_replicas: int = 0
+    tpu: str | None = None
+    sync_bn: bool = False
+    shard_policy: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | None = None) -> str:
+        """Returns the config as JSON; with ``path``, also writes it there atomically.
+
+        Example:
+            >>> TrainConfig(epochs=3).to_json().count('"epochs": 3')
+            1
+        """
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+
+def field_names() -> list[str]:
+    """The valid config keys, sorted."""
+    return sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={value!r}")
+
+
+def check(config: TrainConfig) -> None:
+    """Raises a ValueError naming the first field whose value makes no sense."""
+    _choice("keras_module", config.keras_module, KERAS_MODULES)
+    _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    _choice("interpolation", config.interpolation, INTERPOLATIONS)
+    _choice("lr_scaling", config.lr_scaling, LR_SCALING_RULES)
+    _choice("shard_policy", config.shard_policy, SHARD_POLICIES)
+    _choice("activation", config.activation, (None, "gelu", "relu"))
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(config, name)}")
+    if config.data_dir is not None and config.dataset is not None:
+        raise ValueError(
+            "Give either `data_dir` (an image folder) or `dataset` (a TFDS name), not both. "
+            f"Received: data_dir={config.data_dir!r}, dataset={config.dataset!r}"
+        )
+    for name in ("label_smoothing", "random_erasing", "color_jitter"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
+    lo, hi = config.scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(
+            f"`scale` must be (min, max) with 0 < min <= max <= 1. Received: {config.scale}"
+        )
+    if not 0.0 < config.ratio[0] <= config.ratio[1]:
+        raise ValueError(
+            f"`ratio` must be (min, max) with 0 < min <= max. Received: {config.ratio}"
+        )
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """``int | None`` -> (int, True); ``tuple[float, float]`` -> (tuple[...], False)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Converts ``value`` (a typed value or a command-line string) to the field's type."""
+    base, optional = _base_type(annotation)
+    if isinstance(value, str) and base is not str:
+        text = value.strip()
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if base is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"`{name}` must be true or false. Received: {name}={value!r}")
+        if typing.get_origin(base) is tuple:
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"Cannot parse `{name}` from {value!r}: {e}") from e
+    if value is None:
+        if not optional:
+            raise ValueError(f"`{name}` cannot be None.")
+        return None
+    try:
+        if base is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or int(value) != value:
+                raise TypeError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+        if typing.get_origin(base) is tuple:
+            item_types = typing.get_args(base)
+            if len(value) != len(item_types):
+                raise TypeError
+            return tuple(t(v) for t, v in zip(item_types, value, strict=True))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"`{name}` must be of type {annotation}. Received: {name}={value!r}"
+        ) from e
+    raise TypeError(f"Unsupported config field type {annotation} for `{name}`.")
+
+
+def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Returns a copy of ``config`` with ``overrides`` applied and checked.
+
+    Keys may use dashes (``batch-size``) or underscores; string values are parsed to the
+    field's type (``"0.5"``, ``"none"``, ``"true"``, ``"0.08,1"`` for a pair).
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid keys) or a bad value.
+
+    Example:
+        >>> apply_overrides(TrainConfig(), {"lr-max": "0.02", "scale": "0.08,1"}).scale
+        (0.08, 1.0)
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise ValueError(f"Unknown config key {key!r}. Valid keys: {', '.join(field_names())}")
+        changes[name] = _coerce(name, value, hints[name])
+    return dataclasses.replace(config, **changes)
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipe files in ``training/recipes/``, sorted."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
+def from_recipe(name: str) -> TrainConfig:
+    """Loads a named recipe (``training/recipes/<name>.json``) or a recipe file path.
+
+    Raises:
+        ValueError: an unknown recipe name, invalid JSON, or an unknown key in the file.
+
+    Example:
+        >>> from_recipe("cifar10_convmixer_256_8").batch_size
+        512
+    """
+    if name.endswith(".json") or os.sep in name:
+        path = pathlib.Path(name)
+        if not path.is_file():
+            raise ValueError(f"Recipe file not found: {name!r}")
+    else:
+        path = RECIPES_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(
+                f"Unknown recipe {name!r}. Available recipes: {', '.join(available_recipes())}"
+            )
+    return from_json(path, recipe=path.stem)
+
+
+def from_json(path: str | os.PathLike, recipe: str | None = None) -> TrainConfig:
+    """Reads a config JSON file (a recipe or a run's saved ``config.json``)."""
+    try:
+        values = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Config file {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {str(path)!r} must hold a JSON object.")
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in config file {str(path)!r}. "
+            f"Valid keys: {', '.join(field_names())}"
+        )
+    if recipe is not None:
+        values["recipe"] = recipe
+    return apply_overrides(TrainConfig(), values)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,281 @@
+"""Strategy, model, optimizer, loss, metrics, callbacks and ``model.fit``, for Keras 3 and tf_keras.
+
+The entry points other code builds on:
+
+* :func:`build_training` ``(config) -> Training``: makes the strategy, the input pipelines and
+  the model, and compiles it, everything inside ``strategy.scope()``. The perf benchmark times
+  ``training.model.fit(training.train_ds, steps_per_epoch=...)`` on what it returns: the real
+  training step.
+* :func:`compile_model` ``(model, config, steps_per_epoch)``: AdamW (no weight decay on
+  BatchNorm and biases), the triangular one-cycle schedule stepped per batch, global-norm
+  clipping, label-smoothed cross-entropy, top-1/top-5 accuracy, optional weight EMA. Call it
+  inside the strategy's scope.
+* :func:`train` ``(config) -> dict``: the whole run with its outputs (see below); this is what
+  ``python -m training.train`` calls.
+
+The keras module comes from ``config.keras_module``: ``"keras"`` (Keras 3), ``"tf_keras"``, or
+``"auto"`` (tf_keras for MultiWorkerMirroredStrategy, keras-team/keras#20585; Keras 3 otherwise).
+The optimizer, schedule and callbacks are written once against the module; they differ in one
+place, :func:`_backup_callback` (tf_keras' BackupAndRestore has the chief/worker logic).
+
+Outputs in ``config.output_dir`` (written by the chief only): ``model.keras`` (final),
+``best.keras`` (best validation accuracy), ``config.json`` (resolved config), ``metrics.json``
+(per-epoch and final metrics), ``logs/`` (TensorBoard), ``training_curves.png``, and
+``backup/`` while a run is unfinished: rerunning the same command resumes from it.
+
+Example:
+    >>> from training.config import TrainConfig, write_text_atomic
+    >>> from training.trainer import train
+    >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", limit_per_class=20,
+    ...                      dim=32, depth=2, epochs=2, batch_size=50, output_dir="runs/try")
+    >>> metrics = train(config)  # doctest: +SKIP
+    >>> sorted(metrics)  # doctest: +SKIP
+    ['best', 'final', 'history']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import tensorflow as tf
+
+import convmixer_tf
+from training import augment, distribute
+from training.callbacks import (
+    METRICS_FILE,
+    TrainingDivergedError,
+    callback_classes,
+    one_cycle_class,
+    save_model_atomic,
+)
+from training.config import TrainConfig, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+# Variables AdamW does not decay (regular expressions searched in variable names): BatchNorm's
+# scale and offset, and every bias.
+NO_WEIGHT_DECAY = ("gamma", "beta", "bias")
+MODEL_FILE = "model.keras"
+BEST_FILE = "best.keras"
+CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.json"
+BACKUP_DIR = "backup"
+LOG_DIR = "logs"
+
+
+@dataclasses.dataclass
+class Training:
+    """What :func:`build_training` returns: a compiled model and its input pipelines.
+
+    Attributes:
+        config: the config, with ``keras_module`` resolved and ``lr_max`` scaled.
+        strategy: the tf.distribute strategy the model was built under.
+        keras: the keras-like module of the model (``keras`` or ``tf_keras``).
+        model: the compiled model.
+        train_ds: the augmented training pipeline (repeats; global batches).
+        val_ds: the validation pipeline (one pass), or None.
+        class_names: the class names (the model's output order).
+        steps_per_epoch: training steps per epoch.
+    """
+
+    config: TrainConfig
+    strategy: tf.distribute.Strategy
+    keras: Any
+    model: Any
+    train_ds: tf.data.Dataset
+    val_ds: tf.data.Dataset | None
+    class_names: list[str]
+    steps_per_epoch: int
+
+
+def keras_of(model) -> Any:
+    """The keras-like module (``keras`` or ``tf_keras``) that built ``model``."""
+    import keras
+
+    if isinstance(model, keras.Model):
+        return keras
+    import tf_keras
+
+    if isinstance(model, tf_keras.Model):
+        return tf_keras
+    raise ValueError(f"Not a Keras 3 or tf_keras model: {type(model).__name__}")
+
+
+def resolve_keras_module(config: TrainConfig) -> str:
+    """``"keras"`` or ``"tf_keras"`` for the config's strategy (``"auto"`` resolved)."""
+    strategy_name = distribute.resolve_strategy_name(config.strategy, config.tpu)
+    requested = None if config.keras_module == "auto" else config.keras_module
+    return distribute.keras_module_for(strategy_name, requested)
+
+
+def build_model(config: TrainConfig, num_classes: int, keras_module: str = "keras"):
+    """The ConvMixer of ``config``: its preset, with dim/depth/kernel/patch/activation overrides.
+
+    Example:
+        >>> model = build_model(TrainConfig(dim=16, depth=1), num_classes=10)
+        >>> model.output_shape
+        (None, 10)
+    """
+    overrides = {
+        name: getattr(config, name)
+        for name in ("dim", "depth", "kernel_size", "patch_size", "activation")
+        if getattr(config, name) is not None
+    }
+    return convmixer_tf.create_model(
+        config.model,
+        num_classes=num_classes,
+        input_shape=(config.image_size, config.image_size, 3),
+        synchronized_bn=config.sync_bn,
+        keras_module=keras_module,
+        **overrides,
+    )
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, keras):
+    """AdamW with the one-cycle (or constant) lr; no decay on BatchNorm and biases.
+
+    Example:
+        >>> import keras
+        >>> optimizer = make_optimizer(TrainConfig(), total_steps=100, keras=keras)
+    """
+    if config.lr_schedule == "onecycle":
+        learning_rate = one_cycle_class(keras)(lr_max=config.lr_max, total_steps=total_steps)
+    else:
+        learning_rate = config.lr_max
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate,
+        weight_decay=config.weight_decay,
+        epsilon=config.adam_epsilon,
+        global_clipnorm=config.clip_norm or None,
+        use_ema=config.ema,
+        ema_momentum=config.ema_momentum,
+    )
+    optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    return optimizer
+
+
+def compile_model(model, config: TrainConfig, steps_per_epoch: int):
+    """Compiles ``model`` for training with ``config`` (call inside ``strategy.scope()``).
+
+    Labels are one-hot (mixup/cutmix make them soft); the loss applies label smoothing.
+
+    Example:
+        >>> model = compile_model(build_model(TrainConfig(dim=16, depth=1), 10),
+        ...                       TrainConfig(), steps_per_epoch=10)
+    """
+    keras = keras_of(model)
+    num_classes = model.output_shape[-1]
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+    model.compile(
+        optimizer=make_optimizer(config, config.epochs * steps_per_epoch, keras),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing
+        ),
+        metrics=metrics,
+        jit_compile=config.jit_compile,
+    )
+    return model
+
+
+def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
+    """Builds the strategy, input pipelines and compiled model of ``config``.
+
+    ``strategy`` defaults to ``training.distribute.make_strategy(config)``.
+
+    Example:
+        >>> t = build_training(TrainConfig(data_dir="../shared/data/cifar10/train",
+        ...                                limit_per_class=8, dim=16, depth=1, batch_size=16))
+        >>> t.model.fit(t.train_ds, steps_per_epoch=2, epochs=1)  # doctest: +SKIP
+    """
+    keras_module = resolve_keras_module(config)
+    if strategy is None:
+        strategy = distribute.make_strategy(config)
+    lr_max = distribute.scale_learning_rate(
+        config.lr_max,
+        config.batch_size,
+        config.base_batch_size or config.batch_size,
+        config.lr_scaling,
+    )
+    config = dataclasses.replace(config, keras_module=keras_module, lr_max=lr_max)
+    distribute.set_precision_policy(
+        distribute.precision_policy(config.mixed_precision, strategy), keras_module
+    )
+    train_ds, class_names, steps = augment.make_train_dataset(config)
+    train_ds = distribute.with_shard_policy(train_ds, config.shard_policy)
+    val_ds = None
+    if config.val_split:
+        val_ds, _ = augment.make_validation_dataset(config, len(class_names))
+        val_ds = distribute.with_shard_policy(val_ds, config.shard_policy)
+    with strategy.scope():
+        model = build_model(config, len(class_names), keras_module)
+        compile_model(model, config, steps)
+    keras = keras_of(model)
+    return Training(config, strategy, keras, model, train_ds, val_ds, class_names, steps)
+
+
+def _backup_callback(keras, backup_dir: str):
+    """The resume callback: tf_keras' (TF checkpoints, chief/worker aware) or our atomic one."""
+    if keras.__name__ == "tf_keras":
+        return keras.callbacks.BackupAndRestore(backup_dir)
+    return callback_classes(keras).AtomicBackupAndRestore(backup_dir)
+
+
+def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
+    """The run's callbacks and the NaN watcher among them (to read its message after fit)."""
+    keras, output_dir = training.keras, training.config.output_dir
+    classes = callback_classes(keras)
+    stop_on_nan = classes.StopOnNaN()
+    callbacks = [stop_on_nan, _backup_callback(keras, os.path.join(output_dir, BACKUP_DIR))]
+    if chief:
+        callbacks += [
+            classes.MetricsLogger(output_dir),
+            keras.callbacks.TensorBoard(os.path.join(output_dir, LOG_DIR)),
+        ]
+        if training.val_ds is not None:
+            callbacks.append(classes.BestCheckpoint(os.path.join(output_dir, BEST_FILE)))
+    return callbacks, stop_on_nan
+
+
+def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
+    """Trains as ``config`` says and writes the outputs; returns ``metrics.json``'s content.
+
+    Rerunning with the same ``output_dir`` after an interruption resumes from the last epoch
+    backup. ``extra_callbacks`` are added after the project's own.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN or infinite (no final model is written).
+    """
+    training = build_training(config)
+    config = training.config
+    chief = distribute.is_chief(training.strategy)
+    output_dir = config.output_dir
+    if chief:
+        os.makedirs(output_dir, exist_ok=True)
+        config.to_json(os.path.join(output_dir, CONFIG_FILE))
+        write_text_atomic(
+            os.path.join(output_dir, CLASS_NAMES_FILE), json.dumps(training.class_names) + "\n"
+        )
+    callbacks, stop_on_nan = make_callbacks(training, chief)
+    training.model.fit(
+        training.train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=training.steps_per_epoch,
+        validation_data=training.val_ds,
+        callbacks=callbacks + list(extra_callbacks or []),
+        verbose=config.verbose,
+    )
+    if stop_on_nan.message is not None:
+        raise TrainingDivergedError(stop_on_nan.message)
+    if not chief:
+        return {}
+    save_model_atomic(training.model, os.path.join(output_dir, MODEL_FILE))
+    shutil.rmtree(os.path.join(output_dir, BACKUP_DIR), ignore_errors=True)
+    with open(os.path.join(output_dir, METRICS_FILE)) as f:
+        return json.load(f)
