@@ -1,0 +1,335 @@
+"""Quantization-aware training (QAT) of ConvMixer with tensorflow-model-optimization (tfmot).
+
+tfmot 0.8 works only with tf_keras (Keras 2), so a Keras 3 ConvMixer is first rebuilt as a tf_keras
+model from the same builder (:func:`to_tf_keras`), then annotated layer by layer from one policy
+table (:data:`QUANTIZE_POLICY`) and wrapped with fake-quantization (:func:`quantize_model`).
+
+Why custom configs: tfmot's default 8-bit scheme folds a BatchNorm only when it directly follows a
+conv and does not support ConvMixer's conv -> activation -> BN order; a naive annotation leaves
+float tensors and DEQUANTIZE ops in the .tflite. Here every tensor that TFLite's int8 kernels
+produce carries an output quantizer, placed where those kernels put it:
+
+====================== ============================================ ==========================
+Keras layer            TFLite int8 ops                              fake quantization
+====================== ============================================ ==========================
+(input)                graph input (raw pixels 0..255)              fixed range [0, 255]
+Normalization          SUB, MUL                                     output
+Conv2D                 CONV_2D (+ fused ReLU)                       per-channel weights, output
+                                                                    (pre-activation; none when
+                                                                    a ReLU is fused into it)
+DepthwiseConv2D        DEPTHWISE_CONV_2D (+ fused ReLU)             as Conv2D
+Activation             GELU / (fused) RELU                          output
+BatchNormalization     MUL, ADD (after an activation: not folded)   output
+Add                    ADD                                          output
+GlobalAveragePooling2D MEAN                                         output
+Dense                  FULLY_CONNECTED                              per-tensor weights, output
+====================== ============================================ ==========================
+
+Example:
+    >>> import convmixer_tf
+    >>> from export import quantize
+    >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+    >>> qat_model = quantize.quantize_model(model)  # a tf_keras model with fake-quant wrappers
+    >>> qat_model.output_shape
+    (None, 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+    default_8bit_transforms,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
+    model_transformer,
+)
+
+from export.rewrite import rebuild
+
+_quantizers = tfmot.quantization.keras.quantizers
+_QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+
+# The raw-pixel input range: with 8 bits, [0, 255] gives scale 1 and maps pixels exactly onto
+# the integer grid (uint8 q = pixel; int8 q = pixel - 128).
+PIXEL_RANGE = (0.0, 255.0)
+# Name of the layer tfmot inserts after the model's input to quantize it.
+INPUT_QUANTIZE_LAYER = "quantize_layer"
+# Prefix tfmot gives the wrapped layers ("quant_head" wraps "head").
+QAT_PREFIX = "quant_"
+
+
+def _output_quantizer():
+    """The activation quantizer TFLite's int8 kernels match: asymmetric, per-tensor, EMA range."""
+    return _quantizers.MovingAverageQuantizer(
+        num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+    )
+
+
+class OutputQuantizeConfig(_QuantizeConfig):
+    """Quantizes only the layer's output (activations, BN, Add, pooling, Normalization)."""
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [_output_quantizer()]
+
+    def get_config(self):
+        return {}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+
+class WeightsQuantizeConfig(OutputQuantizeConfig):
+    """Quantizes one weight (the kernel) and, unless a ReLU is fused into the op, the output.
+
+    Args:
+        weight_attr: the layer attribute holding the weight (``"kernel"``, ``"depthwise_kernel"``).
+        per_axis: per-output-channel weight scales (TFLite's int8 convs) or one scale (Dense).
+        quantize_output: False where TFLite fuses the following ReLU into the op, so that no
+            quantization point sits between them.
+    """
+
+    def __init__(self, weight_attr: str, per_axis: bool, quantize_output: bool = True):
+        self.weight_attr = weight_attr
+        self.per_axis = per_axis
+        self.quantize_output = quantize_output
+
+    def _weight_quantizer(self):
+        if self.per_axis:
+            # Per-channel, symmetric, narrow range [-127, 127]: TFLite's int8 conv weights.
+            return tfmot.quantization.keras.quantizers.LastValueQuantizer(
+                num_bits=8, per_axis=True, symmetric=True, narrow_range=True
+            )
+        return _quantizers.LastValueQuantizer(
+            num_bits=8, per_axis=False, symmetric=True, narrow_range=True
+        )
+
+    def get_weights_and_quantizers(self, layer):
+        return [(getattr(layer, self.weight_attr), self._weight_quantizer())]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        if len(quantize_weights) != 1:
+            raise ValueError(
+                f"{type(self).__name__} expects 1 quantized weight for layer {layer.name!r}. "
+                f"Received: {len(quantize_weights)}"
+            )
+        setattr(layer, self.weight_attr, quantize_weights[0])
+
+    def get_output_quantizers(self, layer):
+        return [_output_quantizer()] if self.quantize_output else []
+
+    def get_config(self):
+        return {
+            "weight_attr": self.weight_attr,
+            "per_axis": self.per_axis,
+            "quantize_output": self.quantize_output,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """How one layer type is quantized: the config class and its arguments."""
+
+    config: type
+    weight_attr: str | None = None
+    per_axis: bool = False
+
+    def make(self, quantize_output: bool = True) -> _QuantizeConfig:
+        if self.config is OutputQuantizeConfig:
+            return OutputQuantizeConfig()
+        return self.config(self.weight_attr, self.per_axis, quantize_output)
+
+
+# The whole quantization policy of a ConvMixer: Keras layer class name -> config.
+QUANTIZE_POLICY: dict[str, _Policy] = {
+    "Normalization": _Policy(OutputQuantizeConfig),
+    "Conv2D": _Policy(WeightsQuantizeConfig, "kernel", per_axis=True),
+    "DepthwiseConv2D": _Policy(WeightsQuantizeConfig, "depthwise_kernel", per_axis=True),
+    "Activation": _Policy(OutputQuantizeConfig),
+    "BatchNormalization": _Policy(OutputQuantizeConfig),
+    "Add": _Policy(OutputQuantizeConfig),
+    "GlobalAveragePooling2D": _Policy(OutputQuantizeConfig),
+    "GlobalMaxPooling2D": _Policy(OutputQuantizeConfig),
+    "Dense": _Policy(WeightsQuantizeConfig, "kernel", per_axis=False),
+}
+
+# Activations that TFLite fuses into the preceding conv / dense op.
+FUSED_ACTIVATIONS = ("relu",)
+
+
+def quantize_scope():
+    """The custom objects needed to load or clone a QAT model built here."""
+    return tfmot.quantization.keras.quantize_scope(
+        {
+            "OutputQuantizeConfig": OutputQuantizeConfig,
+            "WeightsQuantizeConfig": WeightsQuantizeConfig,
+        }
+    )
+
+
+_default_8bit = tfmot.quantization.keras.default_8bit
+
+
+class _InputOnlyLayoutTransform(_default_8bit.Default8BitQuantizeLayoutTransform):
+    """Only quantizes the model input; none of the default scheme's layer fusions.
+
+    The default transforms would, for a ReLU model, replace our conv configs with ones that
+    drop the weight quantizers; our table already handles fused ReLUs.
+    """
+
+    def apply(self, model, layer_quantize_map):
+        return model_transformer.ModelTransformer(
+            model,
+            [default_8bit_transforms.InputLayerQuantize()],
+            set(layer_quantize_map.keys()),
+            layer_quantize_map,
+        ).transform()
+
+
+class ConvMixerQuantizeScheme(_default_8bit.Default8BitQuantizeScheme):
+    """tfmot's 8-bit scheme with only the input-quantization transform (see QUANTIZE_POLICY)."""
+
+    def get_layout_transformer(self):
+        return _InputOnlyLayoutTransform()
+
+
+def to_tf_keras(model, batch_size: int | None = None) -> tf_keras.Model:
+    """Rebuilds a (Keras 3) ConvMixer as a tf_keras model with the same weights.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> to_tf_keras(model).count_params() == model.count_params()
+        True
+    """
+    return rebuild(model, keras_module="tf_keras", batch_size=batch_size)
+
+
+def annotate(model: tf_keras.Model) -> tf_keras.Model:
+    """Annotates every layer of a tf_keras ConvMixer with its config from QUANTIZE_POLICY.
+
+    Raises a ValueError naming the layer if a layer type has no policy.
+    """
+    fused = set()
+    for layer in model.layers:
+        if type(layer).__name__ == "Activation" and layer.get_config()["activation"] in (
+            FUSED_ACTIVATIONS
+        ):
+            for node in layer.inbound_nodes:
+                for producer in tf.nest.flatten(node.inbound_layers):
+                    if type(producer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
+                        fused.add(producer.name)
+
+    def _annotate(layer):
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            return layer.__class__.from_config(layer.get_config())
+        if kind not in QUANTIZE_POLICY:
+            raise ValueError(
+                f"Layer {layer.name!r} of type {kind} has no quantization policy; supported "
+                f"layer types: {', '.join(QUANTIZE_POLICY)}."
+            )
+        config = QUANTIZE_POLICY[kind].make(quantize_output=layer.name not in fused)
+        clone = layer.__class__.from_config(layer.get_config())
+        return tfmot.quantization.keras.quantize_annotate_layer(clone, config)
+
+    annotated = tf_keras.models.clone_model(model, clone_function=_annotate)
+    annotated.set_weights(model.get_weights())
+    return annotated
+
+
+def quantize_model(
+    model, *, batch_size: int | None = None, fold_preprocessing: bool = True
+) -> tf_keras.Model:
+    """Returns the fake-quantized tf_keras model (QAT-ready) of a Keras 3 or tf_keras ConvMixer.
+
+    The model is rebuilt as tf_keras (with the input normalization folded into the stem conv by
+    default, see :func:`export.rewrite.rebuild`), annotated from :data:`QUANTIZE_POLICY`, and its
+    input quantizer set to the raw pixel range [0, 255] (:data:`PIXEL_RANGE`).
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> qat_model = quantize_model(model)
+        >>> qat_model.get_layer("quant_head").name
+        'quant_head'
+    """
+    model = rebuild(
+        model, keras_module="tf_keras", batch_size=batch_size, fold_preprocessing=fold_preprocessing
+    )
+    with quantize_scope():
+        qat_model = tfmot.quantization.keras.quantize_apply(
+            annotate(model), scheme=ConvMixerQuantizeScheme()
+        )
+    set_input_range(qat_model, *PIXEL_RANGE)
+    return qat_model
+
+
+def set_input_range(qat_model: tf_keras.Model, low: float, high: float) -> None:
+    """Sets the range of the input quantizer (it only widens from there on pixel data)."""
+    layer = qat_model.get_layer(INPUT_QUANTIZE_LAYER)
+    for weight in layer.weights:
+        if weight.name.endswith("_min:0") or weight.name.endswith("min:0"):
+            weight.assign(low)
+        elif weight.name.endswith("max:0"):
+            weight.assign(high)
+
+
+def finetune(
+    qat_model: tf_keras.Model,
+    dataset: tf.data.Dataset,
+    *,
+    steps: int,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    verbose: int = 0,
+) -> dict:
+    """Quantization-aware fine-tuning: ``steps`` optimizer steps of AdamW on ``dataset``.
+
+    ``dataset`` yields ``(images 0..255 float32, int labels)`` batches (as
+    ``training.data.load_dataset`` returns); it is repeated as needed. Returns the last loss and
+    accuracy.
+
+    Example:
+        >>> # finetune(quantize_model(model), train_ds, steps=200, learning_rate=1e-4)
+    """
+    if steps < 1:
+        raise ValueError(f"QAT needs at least one step. Received: steps={steps}")
+    if learning_rate <= 0:
+        raise ValueError(f"`learning_rate` must be > 0. Received: learning_rate={learning_rate}")
+    head = qat_model.get_layer(QAT_PREFIX + "head").layer
+    from_logits = head.get_config()["activation"] == "linear"
+    qat_model.compile(
+        optimizer=tf_keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+        metrics=["accuracy"],
+    )
+    history = qat_model.fit(dataset.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+    return {key: float(values[-1]) for key, values in history.history.items()}
+
+
+def predict_logits(model, images: np.ndarray | Sequence, batch_size: int = 64) -> np.ndarray:
+    """Runs a Keras (3 or tf_keras) model in inference mode on float pixel batches."""
+    images = np.asarray(images, dtype="float32")
+    outs = [
+        np.asarray(model(images[i : i + batch_size], training=False))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(outs, axis=0)

@@ -1,0 +1,268 @@
+"""Exact graph rewrites of a Keras 3 ConvMixer applied before TFLite conversion.
+
+- :func:`fold_preprocessing`: folds the input ``Normalization`` ((x - mean) / std) into the stem
+  conv (valid padding, stride = kernel, so the fold is exact). The .tflite then takes raw pixels
+  straight into its first CONV_2D: no SUB/MUL, and with int8 input the pixels map exactly onto the
+  int8 grid.
+- :func:`tile_depthwise`: replaces k x k depthwise convs (k > ``max_kernel``) by
+  :class:`TiledDepthwiseConv2D`, a sum of t x t depthwise convs over shifted views of the padded
+  input. XNNPACK has fast depthwise kernels only up to 5x5, so a 9x9 conv written as four 5x5
+  (or nine 3x3) convs runs much faster, with the same result up to float summation order.
+
+Example:
+    >>> import convmixer_tf
+    >>> from export import rewrite
+    >>> model = convmixer_tf.ConvMixer(16, 1, 9, 2, input_shape=(16, 16, 3), num_classes=10)
+    >>> fast = rewrite.tile_depthwise(rewrite.fold_preprocessing(model), tile=5)
+    >>> fast.get_layer("blocks_0_dwconv").__class__.__name__
+    'TiledDepthwiseConv2D'
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+import convmixer_tf
+import convmixer_tf.model
+
+
+def convmixer_arguments(model) -> dict:
+    """Recovers the :func:`convmixer_tf.ConvMixer` arguments of a built ConvMixer.
+
+    Works on Keras 3 and tf_keras models (read from layer names and configs, see
+    :mod:`convmixer_tf.blocks`). Raises a ValueError naming the missing layer if ``model`` is not
+    a ConvMixer.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 2, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> convmixer_arguments(model)["depth"]
+        2
+    """
+    names = {layer.name for layer in getattr(model, "layers", [])}
+    for required in ("stem_conv", "stem_act", "stem_bn", "blocks_0_dwconv"):
+        if required not in names:
+            raise ValueError(
+                f"Model {getattr(model, 'name', model)!r} is not a ConvMixer built by "
+                f"convmixer_tf: it has no layer named {required!r}."
+            )
+    depth = 0
+    while f"blocks_{depth}_dwconv" in names:
+        depth += 1
+    stem = model.get_layer("stem_conv")
+    dwconv = model.get_layer("blocks_0_dwconv")
+    activation = model.get_layer("stem_act").get_config()["activation"]
+    if not isinstance(activation, str):
+        raise ValueError(f"Unsupported activation in 'stem_act': {activation!r}")
+    args = {
+        "dim": int(stem.filters),
+        "depth": depth,
+        "kernel_size": int(dwconv.kernel_size[0]),
+        "patch_size": int(stem.kernel_size[0]),
+        "activation": activation,
+        "input_shape": tuple(model.input_shape[1:]),
+        "include_preprocessing": "preprocessing" in names,
+        "include_top": "head" in names,
+        "synchronized_bn": bool(model.get_layer("stem_bn").get_config().get("synchronized")),
+        "name": model.name,
+    }
+    if args["include_preprocessing"]:
+        norm = model.get_layer("preprocessing")
+        mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
+        variance = np.ravel(np.asarray(norm.variance, dtype="float64"))
+        args["mean"] = tuple(float(v) for v in mean / 255.0)
+        args["std"] = tuple(float(v) for v in np.sqrt(variance) / 255.0)
+    if args["include_top"]:
+        head = model.get_layer("head")
+        args["num_classes"] = int(head.units)
+        head_activation = head.get_config()["activation"]
+        args["classifier_activation"] = None if head_activation == "linear" else head_activation
+    else:
+        args["pooling"] = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
+    return args
+
+
+@keras.saving.register_keras_serializable(package="convmixer_export")
+class TiledDepthwiseConv2D(keras.layers.Layer):
+    """A "same"-padded k x k depthwise conv (stride 1, bias) computed as t x t tiles.
+
+    The k x k kernel (zero-extended to a multiple of ``tile``) is cut into ``ceil(k/t)**2``
+    tiles; each tile is a "valid" t x t depthwise conv over a shifted window of the input padded
+    once, and the partial results are summed. Mathematically identical to
+    ``DepthwiseConv2D(k, padding="same")``; the weights (``kernel``, ``bias``) have the same
+    shapes and meaning as that layer's.
+
+    Args:
+        kernel_size: k.
+        tile: t, the size of the small convs (3 or 5 run fast in XNNPACK).
+
+    Example:
+        >>> layer = TiledDepthwiseConv2D(kernel_size=9, tile=5)
+        >>> layer(np.zeros((1, 8, 8, 4), "float32")).shape
+        (1, 8, 8, 4)
+    """
+
+    def __init__(self, kernel_size: int, tile: int, **kwargs):
+        # kwargs: only the base Layer's (name, dtype, trainable) for serialization.
+        super().__init__(**kwargs)
+        if tile < 1 or kernel_size < 1:
+            raise ValueError(
+                f"`kernel_size` and `tile` must be >= 1. Received: kernel_size={kernel_size}, "
+                f"tile={tile}"
+            )
+        self.kernel_size = int(kernel_size)
+        self.tile = int(tile)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        k = self.kernel_size
+        self.kernel = self.add_weight(name="kernel", shape=(k, k, channels, 1))
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
+
+    def call(self, inputs):
+        k, t = self.kernel_size, self.tile
+        tiles = math.ceil(k / t)
+        extended = tiles * t
+        # TensorFlow's "same": total padding k - 1, the smaller half on top/left.
+        before = (k - 1) // 2
+        after = k - 1 - before + (extended - k)
+        padded = keras.ops.pad(inputs, [[0, 0], [before, after], [before, after], [0, 0]])
+        kernel = keras.ops.pad(self.kernel, [[0, extended - k], [0, extended - k], [0, 0], [0, 0]])
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is None or width is None:
+            raise ValueError(
+                f"{self.name}: TiledDepthwiseConv2D needs a static height and width. "
+                f"Received: input shape {inputs.shape}"
+            )
+        out = None
+        for row in range(tiles):
+            for col in range(tiles):
+                window = padded[
+                    :, row * t : row * t + height + t - 1, col * t : col * t + width + t - 1, :
+                ]
+                part = keras.ops.depthwise_conv(
+                    window,
+                    kernel[row * t : (row + 1) * t, col * t : (col + 1) * t],
+                    strides=1,
+                    padding="valid",
+                )
+                out = part if out is None else out + part
+        return out + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "tile": self.tile}
+
+
+def rebuild(
+    model,
+    *,
+    keras_module: str = "keras",
+    batch_size: int | None = None,
+    fold_preprocessing: bool = False,
+):
+    """Rebuilds a ConvMixer from :func:`convmixer_tf.ConvMixer` with the same weights.
+
+    Args:
+        model: a ConvMixer (Keras 3 or tf_keras), e.g. loaded from a ``.keras`` file.
+        keras_module: ``"keras"`` (Keras 3) or ``"tf_keras"`` (for tfmot).
+        batch_size: a static batch size for the input (1 for edge exports) or None.
+        fold_preprocessing: fold the input normalization ((x - mean) / std) into the stem conv
+            (valid padding, stride = kernel: exact). The rebuilt model still takes raw pixels
+            0..255, and the first op of its .tflite is the stem CONV_2D.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> rebuild(model, keras_module="tf_keras", batch_size=1).input_shape
+        (1, 16, 16, 3)
+    """
+    args = convmixer_arguments(model)
+    fold = fold_preprocessing and args["include_preprocessing"]
+    if fold:
+        args["include_preprocessing"] = False
+    target_keras = convmixer_tf.model.resolve_keras(keras_module)
+    input_shape = args.pop("input_shape")
+    pixels = target_keras.Input(shape=input_shape, batch_size=batch_size, name="pixels")
+    rebuilt = convmixer_tf.ConvMixer(**args, input_tensor=pixels, keras_module=keras_module)
+    for layer in rebuilt.layers:
+        if layer.weights:
+            source = model.get_layer(layer.name).get_weights()
+            if [w.shape for w in source] != [tuple(w.shape) for w in layer.get_weights()]:
+                raise ValueError(
+                    f"Cannot rebuild layer {layer.name!r}: weight shapes differ "
+                    f"({[w.shape for w in source]} vs {[w.shape for w in layer.get_weights()]})."
+                )
+            layer.set_weights(source)
+    if fold:
+        norm = model.get_layer("preprocessing")
+        mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
+        std = np.sqrt(np.ravel(np.asarray(norm.variance, dtype="float64")))
+        kernel, bias = (
+            np.asarray(w, dtype="float64") for w in model.get_layer("stem_conv").get_weights()
+        )
+        # conv((x - m) / s) = conv'(x) with W' = W / s (per input channel), b' = b - sum(W m / s).
+        new_kernel = kernel / std[None, None, :, None]
+        new_bias = bias - np.einsum("hwcd,c->d", kernel, mean / std)
+        rebuilt.get_layer("stem_conv").set_weights(
+            [new_kernel.astype("float32"), new_bias.astype("float32")]
+        )
+    return rebuilt
+
+
+def fold_preprocessing(model):
+    """Returns an equivalent ConvMixer whose stem conv includes the input normalization.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> "preprocessing" in [layer.name for layer in fold_preprocessing(model).layers]
+        False
+    """
+    return rebuild(model, fold_preprocessing=True)
+
+
+def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> keras.Model:
+    """Returns ``model`` with every depthwise conv larger than ``max_kernel`` tiled.
+
+    The result computes the same function (float summation order aside). Models without such
+    convs are returned unchanged.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 7, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> tiled = tile_depthwise(model, tile=3)
+        >>> tiled.get_layer("blocks_0_dwconv").tile
+        3
+    """
+    convmixer_arguments(model)
+    large = {
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.DepthwiseConv2D) and layer.kernel_size[0] > max_kernel
+    }
+    if not large:
+        return model
+    for name in large:
+        layer = model.get_layer(name)
+        if layer.strides != (1, 1) or layer.padding != "same" or not layer.use_bias:
+            raise ValueError(
+                f"Depthwise layer {name!r} cannot be tiled: needs stride 1, 'same' padding and a "
+                f"bias. Received: strides={layer.strides}, padding={layer.padding!r}"
+            )
+
+    def _clone(layer):
+        if layer.name in large:
+            return TiledDepthwiseConv2D(layer.kernel_size[0], tile, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    tiled = keras.models.clone_model(model, clone_function=_clone)
+    for layer in tiled.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return tiled
