@@ -17,13 +17,16 @@ Example:
     >>> from training.augment import make_train_dataset
     >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", batch_size=8,
     ...                      limit_per_class=4)
-    >>> ds, class_names, steps = make_train_dataset(config)
-    >>> images, labels = next(iter(ds))   # (8, 32, 32, 3) float32 0..255, (8, 10) one-hot
+    >>> train_data = make_train_dataset(config)
+    >>> images, labels = next(iter(train_data.dataset))
+    >>> images.shape, labels.shape  # float32 0..255, one-hot
+    (TensorShape([8, 32, 32, 3]), TensorShape([8, 10]))
 """
 
 from __future__ import annotations
 
 import logging
+import typing
 
 import keras
 import tensorflow as tf
@@ -151,20 +154,29 @@ def _should_cache(ds: tf.data.Dataset, num_examples: int | None, cache: bool | N
     return estimate <= data.DEFAULT_CACHE_LIMIT_BYTES
 
 
-def make_train_dataset(config: TrainConfig) -> tuple[tf.data.Dataset, list[str], int]:
+class TrainData(typing.NamedTuple):
+    """What :func:`make_train_dataset` returns."""
+
+    dataset: tf.data.Dataset  # repeats forever
+    class_names: list[str]
+    steps_per_epoch: int
+    skipped: tuple[str, ...]  # unreadable image files that were skipped
+
+
+def make_train_dataset(config: TrainConfig) -> TrainData:
     """The augmented, shuffled, repeated training pipeline of ``config``.
 
     Yields ``(float32 images (B, S, S, 3) in 0..255, float32 one-hot labels (B, C))`` with
     ``B = config.batch_size`` (the global batch; full batches only) and ``S = image_size``.
 
     Returns:
-        ``(dataset, class_names, steps_per_epoch)``: the dataset repeats forever;
-        ``steps_per_epoch`` is ``config.steps_per_epoch`` or one pass over the split.
+        A :class:`TrainData`: the dataset repeats forever; ``steps_per_epoch`` is
+        ``config.steps_per_epoch`` or one pass over the split (full batches).
 
     Raises:
         ValueError: the split has fewer images than one batch.
     """
-    ds, class_names, num_examples = data.decoded_dataset(
+    ds, class_names, num_examples, skipped = data.decoded_dataset(
         data_dir=config.data_dir,
         dataset=config.dataset,
         split=config.train_split,
@@ -201,7 +213,7 @@ def make_train_dataset(config: TrainConfig) -> tuple[tf.data.Dataset, list[str],
     ds = ds.map(crop, num_parallel_calls=AUTOTUNE, deterministic=False)
     ds = ds.batch(config.batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
     ds = ds.map(BatchAugmenter(config), num_parallel_calls=AUTOTUNE, deterministic=False)
-    return ds.prefetch(AUTOTUNE), class_names, steps
+    return TrainData(ds.prefetch(AUTOTUNE), class_names, steps, skipped)
 
 
 def make_validation_dataset(

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import os
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -56,6 +57,15 @@ _MAGIC = (
 )
 # JPEG writers may pad after the EOI marker; look for it in the last bytes, not only at the end.
 _TRAILER_WINDOW = 64
+
+
+class Decoded(typing.NamedTuple):
+    """What :func:`decoded_dataset` returns."""
+
+    dataset: tf.data.Dataset
+    class_names: list[str]
+    num_examples: int | None  # None when unknown (a TFDS split limited per class)
+    skipped: tuple[str, ...] = ()  # image files reported unreadable and skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +267,7 @@ def decoded_dataset(
     limit_per_class: int | None = None,
     shuffle_files: bool = False,
     seed: int = 0,
-) -> tuple[tf.data.Dataset, list[str], int | None]:
+) -> Decoded:
     """Decoded, unbatched ``(uint8 image (H, W, 3), int32 label)`` elements of one split.
 
     Exactly one of ``data_dir`` (image folder) and ``dataset`` (TFDS name) must be given.
@@ -265,13 +275,12 @@ def decoded_dataset(
     passing :func:`check_image_file` are skipped by ``ignore_errors`` (TensorFlow logs them).
 
     Returns:
-        ``(dataset, class_names, num_examples)``; ``num_examples`` is None when unknown (a TFDS
-        split limited per class).
+        A :class:`Decoded` ``(dataset, class_names, num_examples, skipped)``.
 
     Example:
-        >>> ds, names, n = decoded_dataset(data_dir="../shared/data/cifar10/train",
-        ...                                split="validation", limit_per_class=2)
-        >>> n
+        >>> decoded = decoded_dataset(data_dir="../shared/data/cifar10/train",
+        ...                           split="validation", limit_per_class=2)
+        >>> decoded.num_examples
         20
     """
     if (data_dir is None) == (dataset is None):
@@ -298,7 +307,7 @@ def decoded_dataset(
             deterministic=not shuffle_files,
         )
         ds = ds.ignore_errors(log_warning=True)
-        return ds, list(folder.class_names), len(folder.paths)
+        return Decoded(ds, list(folder.class_names), len(folder.paths), folder.skipped)
 
     import tensorflow_datasets as tfds  # only TFDS users pay its import time
 
@@ -329,7 +338,7 @@ def decoded_dataset(
     if limit_per_class is not None:
         ds = _limit_per_class(ds, len(class_names), limit_per_class)
         num_examples = None
-    return ds, class_names, num_examples
+    return Decoded(ds, class_names, num_examples)
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -433,7 +442,7 @@ def load_dataset(
         )
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"`crop_pct` must be in (0, 1]. Received: crop_pct={crop_pct!r}")
-    ds, class_names, num_examples = decoded_dataset(
+    ds, class_names, num_examples, _ = decoded_dataset(
         data_dir=data_dir,
         dataset=dataset,
         split=split,

@@ -81,6 +81,7 @@ class Training:
         val_ds: the validation pipeline (one pass), or None.
         class_names: the class names (the model's output order).
         steps_per_epoch: training steps per epoch.
+        skipped: training image files that were unreadable and skipped.
     """
 
     config: TrainConfig
@@ -91,6 +92,7 @@ class Training:
     val_ds: tf.data.Dataset | None
     class_names: list[str]
     steps_per_epoch: int
+    skipped: tuple[str, ...] = ()
 
 
 def keras_of(model) -> Any:
@@ -207,7 +209,7 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     distribute.set_precision_policy(
         distribute.precision_policy(config.mixed_precision, strategy), keras_module
     )
-    train_ds, class_names, steps = augment.make_train_dataset(config)
+    train_ds, class_names, steps, skipped = augment.make_train_dataset(config)
     train_ds = distribute.with_shard_policy(train_ds, config.shard_policy)
     val_ds = None
     if config.val_split:
@@ -217,7 +219,7 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
         model = build_model(config, len(class_names), keras_module)
         compile_model(model, config, steps)
     keras = keras_of(model)
-    return Training(config, strategy, keras, model, train_ds, val_ds, class_names, steps)
+    return Training(config, strategy, keras, model, train_ds, val_ds, class_names, steps, skipped)
 
 
 def _backup_callback(keras, backup_dir: str):
@@ -277,5 +279,15 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
         return {}
     save_model_atomic(training.model, os.path.join(output_dir, MODEL_FILE))
     shutil.rmtree(os.path.join(output_dir, BACKUP_DIR), ignore_errors=True)
-    with open(os.path.join(output_dir, METRICS_FILE)) as f:
-        return json.load(f)
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    metrics["skipped_images"] = list(training.skipped)
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    if training.skipped:
+        logger.warning(
+            "Skipped %d unreadable training image(s); their paths are in %s",
+            len(training.skipped),
+            metrics_path,
+        )
+    return metrics

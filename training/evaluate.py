@@ -1,0 +1,151 @@
+"""Accuracy of a trained model on an image folder or a TFDS split: top-1, top-5, per class.
+
+Command line (prints ONE JSON line on stdout; logs go to stderr)::
+
+    python -m training.evaluate --model runs/c10_folder/best.keras \\
+        --data-dir ../shared/data/cifar10/train --split validation
+    python -m training.evaluate --model runs/cifar10_convmixer_256_8/model.keras --dataset cifar10
+
+Python::
+
+    from training.evaluate import evaluate
+    result = evaluate(model, dataset, class_names)   # {"top1", "top5", "n", "per_class"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(model, dataset: tf.data.Dataset, class_names: Sequence[str]) -> dict:
+    """Top-1 / top-5 accuracy (in %) and per-class top-1 accuracy of ``model`` on ``dataset``.
+
+    ``dataset`` yields ``(images, labels)`` batches, labels as class indices or one-hot.
+    Works for Keras 3 and tf_keras models.
+
+    Raises:
+        ValueError: the model's output size differs from the number of classes, or the
+            dataset is empty.
+
+    Example:
+        >>> from training.data import load_dataset
+        >>> ds, names = load_dataset(data_dir="../shared/data/cifar10/train",
+        ...                          split="validation", image_size=32, batch_size=100)
+        >>> evaluate(model, ds, names)["n"]  # doctest: +SKIP
+        5000
+    """
+    num_classes = len(class_names)
+    outputs = model.output_shape[-1]
+    if outputs != num_classes:
+        raise ValueError(
+            f"The model has {outputs} outputs but the data has {num_classes} classes "
+            f"({list(class_names)[:10]}...)."
+        )
+    k = min(5, num_classes)
+    correct = np.zeros(num_classes, np.int64)
+    total = np.zeros(num_classes, np.int64)
+    top5 = 0
+    for images, labels in dataset:
+        labels = labels.numpy()
+        if labels.ndim == 2:
+            labels = labels.argmax(axis=-1)
+        logits = np.asarray(model.predict_on_batch(images))
+        top = np.argsort(-logits, axis=-1)[:, :k]
+        hit1 = top[:, 0] == labels
+        top5 += int((top == labels[:, None]).any(axis=-1).sum())
+        np.add.at(total, labels, 1)
+        np.add.at(correct, labels, hit1.astype(np.int64))
+    n = int(total.sum())
+    if n == 0:
+        raise ValueError("The evaluation dataset is empty.")
+    per_class = {
+        name: (round(100.0 * int(c) / int(t), 2) if t else None)
+        for name, c, t in zip(class_names, correct, total, strict=True)
+    }
+    return {
+        "top1": round(100.0 * int(correct.sum()) / n, 2),
+        "top5": round(100.0 * top5 / n, 2),
+        "n": n,
+        "per_class": per_class,
+    }
+
+
+def load_model(path: str):
+    """Loads a ``.keras`` file saved by Keras 3 or by tf_keras (without its optimizer)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"Model file not found: {path!r}")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as keras3_error:  # noqa: BLE001 (try the other Keras next)
+        import tf_keras
+
+        try:
+            return tf_keras.models.load_model(path, compile=False)
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"Cannot load model {path!r}: {keras3_error}") from keras3_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
+    )
+    parser.add_argument("--model", required=True, help="a .keras file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
+    source.add_argument("--dataset", help="TFDS dataset name, e.g. cifar10")
+    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
+    parser.add_argument("--tfds-data-dir", help="TFDS data_dir")
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--image-size", type=int, help="default: the model's input size")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--crop-pct", type=float, default=1.0)
+    parser.add_argument("--interpolation", default="bilinear")
+    parser.add_argument("--limit-per-class", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: bad arguments or files)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    args = _parser().parse_args(argv)
+    from training.data import load_dataset
+
+    try:
+        model = load_model(args.model)
+        image_size = args.image_size or model.input_shape[1]
+        if image_size is None:
+            raise ValueError("The model has no fixed input size: give --image-size.")
+        dataset, class_names = load_dataset(
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            split=args.split,
+            image_size=image_size,
+            batch_size=args.batch_size,
+            tfds_data_dir=args.tfds_data_dir,
+            validation_fraction=args.validation_fraction,
+            limit_per_class=args.limit_per_class,
+            crop_pct=args.crop_pct,
+            interpolation=args.interpolation,
+        )
+        result = evaluate(model, dataset, class_names)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, "split": args.split, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

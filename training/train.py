@@ -1,0 +1,204 @@
+"""Train a ConvMixer from the command line: a named recipe plus overrides.
+
+CIFAR-10 with the paper's recipe (TFDS downloads it on first use)::
+
+    python -m training.train --recipe cifar10_convmixer_256_8
+
+The same recipe on the image folder (last 10% of each class held out for validation)::
+
+    python -m training.train --recipe cifar10_convmixer_256_8 \\
+        --data-dir ../shared/data/cifar10/train --output-dir runs/c10_folder
+
+A tiny model for a minute, any recipe key as ``--key value`` or ``--set key=value``::
+
+    python -m training.train --recipe cifar10_convmixer_256_8 \\
+        --data-dir ../shared/data/cifar10/train \\
+        --dim 64 --depth 2 --epochs 2 --batch-size 64 --limit-per-class 100 --set lr_max=0.01
+
+Rerunning a command whose run was interrupted (Ctrl-C, kill -9, preemption) resumes from the
+last completed epoch in ``<output-dir>/backup``. ``--list-recipes`` lists the recipes,
+``--print-config`` prints the resolved config and exits, ``--benchmark-input N`` times N
+batches of the training input pipeline alone (images/s) and exits.
+
+Several devices or hosts: ``--strategy mirrored`` (and the other keys that
+:mod:`training.distribute` reads), or ``python -m training.launch`` for multi-worker runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import typing
+from collections.abc import Sequence
+
+from training import config as config_lib
+
+# The documented options, mapped to config keys. Any other config key works as --key value.
+NAMED_OPTIONS = {
+    "--model": "model",
+    "--dim": "dim",
+    "--depth": "depth",
+    "--kernel-size": "kernel_size",
+    "--patch-size": "patch_size",
+    "--data-dir": "data_dir",
+    "--data": "data_dir",
+    "--dataset": "dataset",
+    "--epochs": "epochs",
+    "--batch-size": "batch_size",
+    "--image-size": "image_size",
+    "--output-dir": "output_dir",
+}
+
+
+def _dest(option: str) -> str:
+    return "option_" + option[2:].replace("-", "_")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any config key is also an option: --lr-max 0.01, --mixup-alpha 0.2, --ema "
+        f"(booleans), --no-hflip. Keys: {', '.join(config_lib.field_names())}",
+    )
+    parser.add_argument("--recipe", help="a recipe name (training/recipes/) or a .json path")
+    for option, key in NAMED_OPTIONS.items():
+        parser.add_argument(option, dest=_dest(option), metavar=key.upper(), help=key)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    parser.add_argument(
+        "--benchmark-input", type=int, metavar="N", help="time N batches of the input pipeline"
+    )
+    return parser
+
+
+def _parse_extra(extra: Sequence[str]) -> dict[str, str]:
+    """``--key value``, ``--key=value``, ``--flag`` (true) and ``--no-flag`` (false)."""
+    overrides, i = {}, 0
+    bools = {
+        name
+        for name, hint in typing.get_type_hints(config_lib.TrainConfig).items()
+        if hint in (bool, bool | None)
+    }
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise ValueError(f"Unexpected argument {token!r}: options are --key value.")
+        key, has_value, value = token[2:].partition("=")
+        name = key.replace("-", "_")
+        if not has_value:
+            if name in bools and (i + 1 == len(extra) or extra[i + 1].startswith("--")):
+                value = "true"
+            elif name.startswith("no_") and name[3:] in bools:
+                name, value = name[3:], "false"
+            elif i + 1 < len(extra):
+                i += 1
+                value = extra[i]
+            else:
+                raise ValueError(f"Option {token!r} needs a value.")
+        overrides[name] = value
+        i += 1
+    return overrides
+
+
+def resolve_config(argv: Sequence[str]) -> tuple[config_lib.TrainConfig, argparse.Namespace]:
+    """Parses the command line into a checked config (recipe, then the overrides in order).
+
+    Raises:
+        ValueError: an unknown recipe, config key or bad value (naming it).
+
+    Example:
+        >>> config, _ = resolve_config(["--recipe", "cifar10_convmixer_256_8", "--epochs", "3"])
+        >>> config.epochs
+        3
+    """
+    args, extra = _parser().parse_known_args(argv)
+    config = config_lib.from_recipe(args.recipe) if args.recipe else config_lib.TrainConfig()
+    overrides: dict[str, str | None] = {}
+    for option, key in NAMED_OPTIONS.items():
+        value = getattr(args, _dest(option))
+        if value is not None:
+            overrides[key] = value
+    if overrides.get("data_dir") is not None:
+        overrides["dataset"] = None  # an image folder replaces the recipe's TFDS dataset
+    elif "dataset" in overrides:
+        overrides["data_dir"] = None
+    overrides.update(_parse_extra(extra))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE. Received: {item!r}")
+        overrides[key.strip()] = value
+    config = config_lib.apply_overrides(config, overrides)
+    if config.data_dir is None and config.dataset is None:
+        raise ValueError("No data: give --data-dir DIR (an image folder) or --dataset NAME (TFDS).")
+    return config, args
+
+
+def benchmark_input(config: config_lib.TrainConfig, batches: int) -> dict:
+    """Images/s of the training input pipeline alone (decode, cache, augment, batch).
+
+    The first pass fills the cache; the timed batches come after one warm-up epoch when the
+    split is cached, so the number is the steady state a long run sees.
+    """
+    from training import augment
+
+    train_data = augment.make_train_dataset(config)
+    iterator = iter(train_data.dataset)
+    warmup = min(train_data.steps_per_epoch, batches) + 1
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    return {
+        "input_pipeline_images_per_s": round(batches * config.batch_size / seconds, 1),
+        "batches": batches,
+        "batch_size": config.batch_size,
+        "seconds": round(seconds, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0 done, 1 diverged, 2 bad arguments)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list-recipes" in argv:
+        print("\n".join(config_lib.available_recipes()))
+        return 0
+    try:
+        config, args = resolve_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
+    if args.benchmark_input:
+        print(json.dumps(benchmark_input(config, args.benchmark_input)))
+        return 0
+
+    from training import trainer  # imports TensorFlow and Keras
+
+    try:
+        metrics = trainer.train(config)
+    except trainer.TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if metrics:
+        print(json.dumps({"output_dir": config.output_dir, **metrics["final"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
