@@ -212,6 +212,53 @@ def _checkpoint_info(state: dict[str, np.ndarray], scheme: str, source: str) -> 
     )
 
 
+def _to_timm_names(
+    state_dict: dict[str, np.ndarray], source: str
+) -> tuple[str, dict[str, np.ndarray], dict[str, str], list[str]]:
+    """Strips ``module.``, detects the naming scheme and renames official keys to timm's.
+
+    Returns the scheme, the renamed tensors, the original name of each renamed key, and the
+    keys that fit neither scheme.
+    """
+    state = _strip_data_parallel(dict(state_dict))
+    if "stem.0.weight" in state:
+        scheme, depth = "timm", None
+    elif "0.weight" in state:
+        scheme, depth = "official", _official_depth(state)
+    else:
+        raise ValueError(
+            f"{source}: neither timm's names ('stem.0.weight', ...) nor the official "
+            f"nn.Sequential names ('0.weight', ...). First keys: {sorted(state)[:8]}"
+        )
+    original_name: dict[str, str] = {}
+    unexpected: list[str] = []
+    timm_state: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        timm_key = key if scheme == "timm" else _official_to_timm(key, depth)
+        if timm_key is None:
+            unexpected.append(key)
+            continue
+        original_name[timm_key] = key
+        timm_state[timm_key] = value
+    return scheme, timm_state, original_name, unexpected
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Reads a checkpoint's naming scheme and architecture from its tensors' shapes.
+
+    The activation (GELU or ReLU) is not visible in the weights.
+
+    Example:
+        >>> from convmixer_tf import pretrained
+        >>> path = "tests/fixtures/pretrained/official_relu_k4.pth.tar"
+        >>> pretrained.inspect_checkpoint(path).describe()
+        'dim=16, depth=2, kernel_size=4, patch_size=2, num_classes=10'
+    """
+    source = repr(os.fspath(path))
+    scheme, timm_state, _, _ = _to_timm_names(read_state_dict(path), source)
+    return _checkpoint_info(timm_state, scheme, source)
+
+
 def model_architecture(model) -> dict:
     """Reads ``dim``, ``depth``, ``kernel_size``, ``patch_size``, ``num_classes`` and
     ``activation`` off a ConvMixer built by :func:`convmixer_tf.ConvMixer` (by layer names).
@@ -257,29 +304,8 @@ def load_state_dict(model, state_dict: dict[str, np.ndarray], source: str = "sta
         >>> pretrained.load_state_dict(model, pretrained.read_state_dict(path)).scheme
         'timm'
     """
-    state = _strip_data_parallel(dict(state_dict))
-    if "stem.0.weight" in state:
-        scheme, depth = "timm", None
-    elif "0.weight" in state:
-        scheme, depth = "official", _official_depth(state)
-    else:
-        raise ValueError(
-            f"{source}: neither timm's names ('stem.0.weight', ...) nor the official "
-            f"nn.Sequential names ('0.weight', ...). First keys: {sorted(state)[:8]}"
-        )
-
-    original_name: dict[str, str] = {}  # timm name -> name in the checkpoint
-    unexpected: list[str] = []
+    scheme, timm_state, original_name, unexpected = _to_timm_names(state_dict, source)
     ignored: list[str] = []
-    timm_state: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        timm_key = key if scheme == "timm" else _official_to_timm(key, depth)
-        if timm_key is None:
-            unexpected.append(key)
-            continue
-        original_name[timm_key] = key
-        timm_state[timm_key] = value
-
     info = _checkpoint_info(timm_state, scheme, source)
     arch = model_architecture(model)
     fields = ("dim", "depth", "kernel_size", "patch_size")

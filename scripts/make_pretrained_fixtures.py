@@ -15,22 +15,30 @@ with non-trivial random values, and saves:
 - ``<name>.pth.tar`` as ``{"state_dict": ...}`` with ``torch.save`` for the official names
   (the release format), one of them with DataParallel's ``module.`` prefix,
 - ``expected_logits.npz``: the input pixels (NHWC, 0-255, as the Keras model takes them) and
-  each model's logits from PyTorch in eval mode.
+  each model's logits from PyTorch in eval mode,
+- ``eval_image.png`` (a 50x37 portrait test image) and ``expected_eval_transform.npz``: timm's
+  evaluation transform of it (PIL resize of the shorter side to ``floor(size / crop_pct)``, then
+  torchvision's center crop), for tests/test_imagenet.py. Needs ``pip install pillow`` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIM, DEPTH, PATCH, CLASSES, SIZE = 16, 2, 2, 10, 16
+
+# (input size, crop_pct) of the evaluation-transform fixture: one downscale, one upscale.
+EVAL_TRANSFORMS = ((24, 0.875), (48, 0.96))
 
 # name -> (naming scheme, activation, kernel size, key prefix)
 FIXTURES = {
@@ -120,6 +128,38 @@ def _write_atomic(save, path: str) -> None:
     os.replace(tmp, path)
 
 
+def timm_eval_transform(image: Image.Image, size: int, crop_pct: float) -> np.ndarray:
+    """timm's ``transforms_imagenet_eval`` (crop_mode "center") up to ToTensor, with PIL as
+    torchvision's ``Resize(int)`` and ``CenterCrop`` do it; returns uint8 HWC pixels."""
+    scale = math.floor(size / crop_pct)
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = scale, int(scale * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    resized = image.resize(new_size, Image.BICUBIC)
+    top = int(round((resized.height - size) / 2.0))
+    left = int(round((resized.width - size) / 2.0))
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def write_eval_transform_fixture(output_dir: str, generator: torch.Generator) -> None:
+    height, width = 50, 37
+    rows = torch.linspace(0, 255, height).view(height, 1, 1)
+    cols = torch.linspace(0, 255, width).view(1, width, 1)
+    noise = 60 * torch.rand((height, width, 3), generator=generator)
+    pixels = (0.5 * rows + 0.3 * cols + noise).clamp(0, 255).to(torch.uint8).numpy()
+    image_path = os.path.join(output_dir, "eval_image.png")
+    _write_atomic(lambda p: Image.fromarray(pixels).save(p, format="PNG"), image_path)
+    image = Image.open(image_path).convert("RGB")
+    expected = {
+        f"size{size}_crop{crop_pct}": timm_eval_transform(image, size, crop_pct)
+        for size, crop_pct in EVAL_TRANSFORMS
+    }
+    path = os.path.join(output_dir, "expected_eval_transform.npz")
+    _write_atomic(lambda p: _savez(p, expected), path)
+    print(f"wrote {image_path}, {path}")
+
+
 def _savez(path: str, arrays: dict) -> None:
     with open(path, "wb") as f:  # a file object, so that np.savez does not append ".npz"
         np.savez(f, **arrays)
@@ -161,6 +201,7 @@ def main() -> None:
     path = os.path.join(args.output_dir, "expected_logits.npz")
     _write_atomic(lambda p: _savez(p, expected), path)
     print(f"wrote {path}; torch {torch.__version__}")
+    write_eval_transform_fixture(args.output_dir, generator)
 
 
 if __name__ == "__main__":

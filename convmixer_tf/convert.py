@@ -1,0 +1,144 @@
+"""Converts a PyTorch ConvMixer checkpoint into a Keras ``.keras`` model file.
+
+From the paper's checkpoint to a ``.keras`` file that ``python -m export`` takes::
+
+    python -m convmixer_tf.convert --model convmixer_768_32 \\
+        --weights convmixer_768_32_ks7_p7_relu.pth.tar --output convmixer_768_32.keras
+
+``--model`` names a preset (its architecture and activation); without it the architecture is read
+from the checkpoint's tensor shapes and the activation comes from ``--activation`` (GELU unless
+said). ``--weights`` takes a path, a URL or ``imagenet``. The file is written atomically (a
+temporary name in the same folder, then renamed) and, unless ``--no-verify``, reloaded and
+checked to give the same outputs as the converted model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from convmixer_tf import model as model_lib
+from convmixer_tf import presets, pretrained
+
+VERIFY_TOLERANCE = 1e-5
+
+
+def build_model(
+    weights: str,
+    model_name: str | None = None,
+    *,
+    activation: str | None = None,
+    input_size: int | None = None,
+    keras_module: str = "keras",
+):
+    """Builds a ConvMixer and loads ``weights`` into it.
+
+    Args:
+        weights: checkpoint path, URL, or ``"imagenet"`` (needs ``model_name``).
+        model_name: a preset name; None reads the architecture from the checkpoint's shapes.
+        activation: ``"gelu"`` or ``"relu"``; default: the preset's, or GELU without a preset.
+        input_size: square input size; default: the preset's evaluation size, or 224.
+        keras_module: ``"keras"`` (Keras 3) or ``"tf_keras"``.
+
+    Example:
+        >>> from convmixer_tf import convert
+        >>> model = convert.build_model("tests/fixtures/pretrained/official_relu_k4.pth.tar",
+        ...                             activation="relu", input_size=16)
+        >>> model.output_shape
+        (None, 10)
+    """
+    overrides: dict = {"keras_module": keras_module}
+    if activation is not None:
+        overrides["activation"] = activation
+    if input_size is not None:
+        overrides["input_shape"] = (input_size, input_size, 3)
+    if model_name is not None:
+        return model_lib.create_model(model_name, weights=weights, **overrides)
+    if weights == "imagenet":
+        raise ValueError("weights='imagenet' needs a preset name (--model).")
+    path = pretrained.resolve_weights(None, weights)
+    info = pretrained.inspect_checkpoint(path)
+    overrides.setdefault("input_shape", (224, 224, 3))
+    return model_lib.ConvMixer(
+        info.dim,
+        info.depth,
+        info.kernel_size,
+        info.patch_size,
+        num_classes=info.num_classes or 1000,
+        include_top=info.num_classes is not None,
+        weights=path,
+        **overrides,
+    )
+
+
+def save_model_atomic(model, output: str) -> None:
+    """Saves a Keras 3 model as ``.keras`` under a temporary name in the same folder, then renames.
+
+    Example:
+        >>> from convmixer_tf import convert
+        >>> convert.save_model_atomic(model, "convmixer.keras")  # doctest: +SKIP
+    """
+    if not output.endswith(".keras"):
+        raise ValueError(f"The output file must end with '.keras'. Received: output={output!r}")
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(output)[:-6]}.tmp{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def verify_saved(model, output: str, seed: int = 0) -> float:
+    """Reloads ``output`` and returns the max abs difference of its outputs from ``model``'s on
+    random pixels; raises a ValueError above ``VERIFY_TOLERANCE``."""
+    import keras
+
+    reloaded = keras.saving.load_model(output)
+    height, width = model.input_shape[1:3]
+    pixels = np.random.default_rng(seed).uniform(0, 255, (1, height, width, 3)).astype("float32")
+    diff = float(
+        np.max(np.abs(model.predict(pixels, verbose=0) - reloaded.predict(pixels, verbose=0)))
+    )
+    if diff > VERIFY_TOLERANCE:
+        raise ValueError(f"{output} reloads with different outputs (max abs diff {diff:.3g})")
+    return diff
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m convmixer_tf.convert",
+        description="Convert a PyTorch ConvMixer checkpoint (timm .safetensors or official "
+        ".pth.tar) into a Keras .keras model.",
+    )
+    parser.add_argument("--model", help=f"preset name ({', '.join(presets.PRESETS)})")
+    parser.add_argument("--weights", required=True, help="checkpoint path, URL or 'imagenet'")
+    parser.add_argument("--output", required=True, help="the .keras file to write")
+    parser.add_argument("--activation", choices=model_lib.ACTIVATIONS)
+    parser.add_argument("--input-size", type=int, help="square input size (default: preset's)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the reload check")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = parse_args(argv)
+    model = build_model(
+        args.weights, args.model, activation=args.activation, input_size=args.input_size
+    )
+    save_model_atomic(model, args.output)
+    message = f"wrote {args.output} ({model.count_params():,} parameters"
+    if not args.no_verify:
+        message += f", reload max abs diff {verify_saved(model, args.output):.2g}"
+    print(message + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
