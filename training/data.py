@@ -376,7 +376,9 @@ def resize_image(
         resize_to = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), target)
     else:
         resize_to = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    image = tf.image.resize(image, resize_to, method=interpolation, antialias=True)
+    image = tf.image.resize(
+        tf.cast(image, tf.float32), resize_to, method=interpolation, antialias=True
+    )
     image = tf.image.resize_with_crop_or_pad(image, height, width)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
