@@ -214,7 +214,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return tuple(t(v) for t, v in zip(item_types, value, strict=True))
     except (TypeError, ValueError) as e:
         raise ValueError(
-            f"`{name}` must be of type {annotation}. Received: {name}={value!r}"
+            f"`{name}` must be of type {getattr(annotation, '__name__', annotation)}. "
+            f"Received: {name}={value!r}"
         ) from e
     raise TypeError(f"Unsupported config field type {annotation} for `{name}`.")
 
