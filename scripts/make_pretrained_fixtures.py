@@ -19,6 +19,12 @@ with non-trivial random values, and saves:
 - ``eval_image.png`` (a 50x37 portrait test image) and ``expected_eval_transform.npz``: timm's
   evaluation transform of it (PIL resize of the shorter side to ``floor(size / crop_pct)``, then
   torchvision's center crop), for tests/test_imagenet.py. Needs ``pip install pillow`` too.
+
+With ``--full-size NAME`` it writes instead, into ``--output-dir`` (use a temporary folder: these
+are not fixtures), a full-size randomly initialized checkpoint of a published variant (timm names
+as ``.safetensors``, or official names as ``.pth.tar`` with ``--official``) and
+``NAME_expected.npz`` (224x224 input pixels and PyTorch's logits), for
+scripts/verify_full_size.py.
 """
 
 from __future__ import annotations
@@ -48,6 +54,12 @@ FIXTURES = {
     "official_gelu_k3_dataparallel": ("official", "gelu", 3, "module."),
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+# The published variants: dim, depth, kernel size, patch size, activation.
+FULL_SIZE = {
+    "convmixer_1536_20": (1536, 20, 9, 7, "gelu"),
+    "convmixer_768_32": (768, 32, 7, 7, "relu"),
+    "convmixer_1024_20": (1024, 20, 9, 14, "gelu"),
+}
 
 
 class Residual(nn.Module):
@@ -160,6 +172,46 @@ def write_eval_transform_fixture(output_dir: str, generator: torch.Generator) ->
     print(f"wrote {image_path}, {path}")
 
 
+def randomize_bn_mildly(model: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial BN statistics that keep activations bounded through 20-32 blocks."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                shape = module.weight.shape
+                module.weight.copy_(1 + 0.1 * torch.randn(shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(1 + 0.2 * torch.rand(shape, generator=generator))
+
+
+def write_full_size(name: str, official: bool, output_dir: str) -> None:
+    dim, depth, kernel_size, patch_size, activation = FULL_SIZE[name]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    build = official_convmixer if official else TimmConvMixer
+    model = build(dim, depth, kernel_size, patch_size, 1000, ACTIVATIONS[activation])
+    randomize_bn_mildly(model, generator)
+    with torch.no_grad():  # logits of order 10 rather than 0.3: differences are then visible
+        classifier = model.head if not official else model[-1]
+        classifier.weight.mul_(30.0)
+    model.eval()
+    pixels = torch.randint(0, 256, (1, 224, 224, 3), generator=generator).float()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model((pixels.permute(0, 3, 1, 2) / 255.0 - mean) / std).numpy()
+    state_dict = model.state_dict()
+    if official:
+        path = os.path.join(output_dir, f"{name}.pth.tar")
+        _write_atomic(lambda p: torch.save({"state_dict": state_dict}, p), path)
+    else:
+        path = os.path.join(output_dir, f"{name}.safetensors")
+        _write_atomic(lambda p: save_file(dict(state_dict), p), path)
+    expected = os.path.join(output_dir, f"{name}_expected.npz")
+    _write_atomic(lambda p: _savez(p, {"pixels": pixels.numpy(), "logits": logits}), expected)
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB), {expected}")
+
+
 def _savez(path: str, arrays: dict) -> None:
     with open(path, "wb") as f:  # a file object, so that np.savez does not append ".npz"
         np.savez(f, **arrays)
@@ -168,8 +220,13 @@ def _savez(path: str, arrays: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=os.path.join("tests", "fixtures", "pretrained"))
+    parser.add_argument("--full-size", choices=sorted(FULL_SIZE))
+    parser.add_argument("--official", action="store_true", help="with --full-size: .pth.tar")
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.full_size:
+        write_full_size(args.full_size, args.official, args.output_dir)
+        return
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (2, SIZE, SIZE, 3), generator=generator).float()  # NHWC, 0-255
