@@ -9,8 +9,11 @@ persistent id ``("storage", torch.FloatStorage, key, location, numel)`` whose by
 Unpickling can call any importable function, so a plain ``pickle.load`` of a checkpoint can run
 arbitrary code. :func:`load` uses a restricted unpickler that resolves only the globals a tensor
 checkpoint needs (the same idea as ``torch.load(weights_only=True)``): tensor reconstruction, the
-storage types and ``collections.OrderedDict``. Any other global is refused *before* it is
-resolved, with an :class:`UnsafeCheckpointError` naming it. Tensors come back as NumPy arrays.
+storage types and ``collections.OrderedDict``; plus ``argparse.Namespace``, which timm's training
+script stores as ``"args"`` next to the ``"state_dict"``, mapped to the inert stand-in
+:class:`PickledNamespace` (attributes only; nothing is imported or called). Any other global is
+refused *before* it is resolved, with an :class:`UnsafeCheckpointError` naming it. Tensors come
+back as NumPy arrays.
 
 The legacy (pre-1.6, non-zip) serialization and the older tar format are not supported: they are
 refused with an error that says how to re-save the file.
@@ -62,6 +65,17 @@ class StorageType:
         return STORAGE_DTYPES[self.name]
 
 
+class PickledNamespace:
+    """Inert stand-in for an ``argparse.Namespace`` in a checkpoint (e.g. timm's ``"args"``).
+
+    Unpickling creates it with ``object.__new__`` and fills its ``__dict__``: no code runs.
+    """
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()))
+        return f"PickledNamespace({fields})"
+
+
 def _rebuild_tensor_v2(
     storage: np.ndarray,
     storage_offset: int,
@@ -105,6 +119,7 @@ def _safe_globals() -> dict[tuple[str, str], object]:
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("collections", "OrderedDict"): collections.OrderedDict,
+        ("argparse", "Namespace"): PickledNamespace,
     }
     for name in STORAGE_DTYPES:
         allowed[("torch", name)] = StorageType(name)

@@ -247,10 +247,14 @@ def main() -> None:
             path = os.path.join(args.output_dir, f"{name}.safetensors")
             _write_atomic(lambda p, sd=state_dict: save_file(sd, p), path)
         else:
+            # As timm's train.py saves it (less the optimizer state): args is an argparse.Namespace.
             checkpoint = {
-                "state_dict": state_dict,
                 "epoch": 299,
                 "arch": f"convmixer_{DIM}_{DEPTH}",
+                "state_dict": state_dict,
+                "args": argparse.Namespace(
+                    model=f"convmixer_{DIM}_{DEPTH}", lr=0.01, act=activation
+                ),
             }
             path = os.path.join(args.output_dir, f"{name}.pth.tar")
             _write_atomic(lambda p, ckpt=checkpoint: torch.save(ckpt, p), path)

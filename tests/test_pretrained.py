@@ -8,6 +8,7 @@ official-named ``.pth.tar``), with the logits PyTorch computed for the same inpu
 import os
 import pathlib
 import pickle
+import shutil
 import zipfile
 
 import numpy as np
@@ -211,6 +212,17 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, attack):
     assert marker.exists()
 
 
+def test_training_args_are_read_as_an_inert_namespace():
+    # The official fixtures hold timm's train.py extras: epoch, arch and args (argparse.Namespace).
+    checkpoint = torch_pickle.load(FIXTURES / "official_relu_k4.pth.tar")
+    assert isinstance(checkpoint["args"], torch_pickle.PickledNamespace)
+    assert (checkpoint["args"].lr, checkpoint["args"].act, checkpoint["epoch"]) == (
+        0.01,
+        "relu",
+        299,
+    )
+
+
 def test_legacy_and_non_checkpoint_files_are_refused(tmp_path):
     legacy = tmp_path / "old.pth"
     legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C) + pickle.dumps(1001))
@@ -292,7 +304,9 @@ def test_weights_url_in_model_builder(tmp_path, monkeypatch, expected):
 
     def fake_get_file(fname, origin, cache_subdir, file_hash, hash_algorithm, cache_dir):
         calls.append((fname, origin, cache_subdir, file_hash))
-        return str(FIXTURES / "official_relu_k4.pth.tar")
+        cached = tmp_path / fname  # a copy: the hash record is written beside the cached file
+        shutil.copyfile(FIXTURES / "official_relu_k4.pth.tar", cached)
+        return str(cached)
 
     import keras
 
@@ -304,6 +318,7 @@ def test_weights_url_in_model_builder(tmp_path, monkeypatch, expected):
     )
     assert calls[0][1:3] == (url, pretrained.CACHE_SUBDIR)
     assert calls[0][0].endswith("_official_relu_k4.pth.tar")
+    assert (tmp_path / (calls[0][0] + ".sha256")).exists()
 
 
 def test_imagenet_maps_to_the_presets_url(monkeypatch):
