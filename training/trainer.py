@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from typing import Any
 
 import tensorflow as tf
@@ -222,10 +223,16 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     return Training(config, strategy, keras, model, train_ds, val_ds, class_names, steps, skipped)
 
 
-def _backup_callback(keras, backup_dir: str):
-    """The resume callback: tf_keras' (TF checkpoints, chief/worker aware) or our atomic one."""
+def _backup_callback(keras, backup_dir: str, backup_freq: int | None = None):
+    """The resume callback: tf_keras' (TF checkpoints, chief/worker aware) or our atomic one.
+
+    tf_keras backs up every ``backup_freq`` batches (None: every epoch) and resumes mid-epoch;
+    the Keras 3 callback backs up every epoch and restarts an interrupted epoch.
+    """
     if keras.__name__ == "tf_keras":
-        return keras.callbacks.BackupAndRestore(backup_dir)
+        return keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq or "epoch")
+    if backup_freq is not None:
+        logger.warning("backup_freq applies to tf_keras only; Keras 3 backs up every epoch.")
     return callback_classes(keras).AtomicBackupAndRestore(backup_dir)
 
 
@@ -234,7 +241,10 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
     keras, output_dir = training.keras, training.config.output_dir
     classes = callback_classes(keras)
     stop_on_nan = classes.StopOnNaN()
-    callbacks = [stop_on_nan, _backup_callback(keras, os.path.join(output_dir, BACKUP_DIR))]
+    backup = _backup_callback(
+        keras, os.path.join(output_dir, BACKUP_DIR), training.config.backup_freq
+    )
+    callbacks = [stop_on_nan, backup]
     if chief:
         callbacks += [
             classes.MetricsLogger(output_dir),
@@ -265,19 +275,28 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
             os.path.join(output_dir, CLASS_NAMES_FILE), json.dumps(training.class_names) + "\n"
         )
     callbacks, stop_on_nan = make_callbacks(training, chief)
-    training.model.fit(
-        training.train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=training.steps_per_epoch,
-        validation_data=training.val_ds,
-        callbacks=callbacks + list(extra_callbacks or []),
-        verbose=config.verbose,
-    )
+    with warnings.catch_warnings():
+        # Keras 3 warns at the end of every (finite) validation pass; the training set repeats.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        training.model.fit(
+            training.train_ds,
+            epochs=config.epochs,
+            steps_per_epoch=training.steps_per_epoch,
+            validation_data=training.val_ds,
+            callbacks=callbacks + list(extra_callbacks or []),
+            verbose=config.verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
     if stop_on_nan.message is not None:
         raise TrainingDivergedError(stop_on_nan.message)
+    # Every worker saves (non-chiefs into a temporary folder they delete, as in TF's
+    # multi-worker tutorial), then waits for the others: a worker that exits early breaks the
+    # chief's remaining TensorFlow ops.
+    with distribute.chief_write_dir(output_dir, training.strategy) as write_dir:
+        save_model_atomic(training.model, os.path.join(write_dir, MODEL_FILE))
+    distribute.barrier(training.strategy)
     if not chief:
         return {}
-    save_model_atomic(training.model, os.path.join(output_dir, MODEL_FILE))
     shutil.rmtree(os.path.join(output_dir, BACKUP_DIR), ignore_errors=True)
     metrics_path = os.path.join(output_dir, METRICS_FILE)
     with open(metrics_path) as f:
