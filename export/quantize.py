@@ -49,6 +49,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
     model_transformer,
 )
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+    QuantizeLayer,
+)
 
 from export.rewrite import rebuild
 
@@ -58,8 +61,6 @@ _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
 # The raw-pixel input range: with 8 bits, [0, 255] gives scale 1 and maps pixels exactly onto
 # the integer grid (uint8 q = pixel; int8 q = pixel - 128).
 PIXEL_RANGE = (0.0, 255.0)
-# Name of the layer tfmot inserts after the model's input to quantize it.
-INPUT_QUANTIZE_LAYER = "quantize_layer"
 # Prefix tfmot gives the wrapped layers ("quant_head" wraps "head").
 QAT_PREFIX = "quant_"
 
@@ -282,13 +283,27 @@ def quantize_model(
     return qat_model
 
 
+def input_quantize_layer(qat_model: tf_keras.Model) -> QuantizeLayer:
+    """The ``QuantizeLayer`` tfmot inserts after the input; ValueError if there is none.
+
+    Example:
+        >>> # input_quantize_layer(quantize_model(model)).name  -> "quantize_layer"
+    """
+    for layer in getattr(qat_model, "layers", []):
+        if isinstance(layer, QuantizeLayer):
+            return layer
+    raise ValueError(
+        f"Model {getattr(qat_model, 'name', qat_model)!r} is not a QAT model of "
+        "export.quantize.quantize_model: it has no input QuantizeLayer."
+    )
+
+
 def set_input_range(qat_model: tf_keras.Model, low: float, high: float) -> None:
     """Sets the range of the input quantizer (it only widens from there on pixel data)."""
-    layer = qat_model.get_layer(INPUT_QUANTIZE_LAYER)
-    for weight in layer.weights:
-        if weight.name.endswith("_min:0") or weight.name.endswith("min:0"):
+    for weight in input_quantize_layer(qat_model).weights:
+        if weight.name.endswith("_min:0"):
             weight.assign(low)
-        elif weight.name.endswith("max:0"):
+        elif weight.name.endswith("_max:0"):
             weight.assign(high)
 
 
@@ -333,3 +348,37 @@ def predict_logits(model, images: np.ndarray | Sequence, batch_size: int = 64) -
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(outs, axis=0)
+
+
+def rebatch_qat_model(qat_model: tf_keras.Model, batch_size: int | None = 1) -> tf_keras.Model:
+    """The same QAT model (weights and quantizer ranges) with a static input batch size.
+
+    Fine-tune with a free batch dimension, then convert the batch-1 copy.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> rebatch_qat_model(quantize_model(model)).input_shape
+        (1, 16, 16, 3)
+    """
+    config = qat_model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "InputLayer":
+            shape = layer["config"]["batch_input_shape"]
+            layer["config"]["batch_input_shape"] = (batch_size, *shape[1:])
+    with quantize_scope():
+        rebatched = tf_keras.Model.from_config(config)
+    # Copy per layer: a QuantizeLayer rebuilt from its config holds its min/max twice (tfmot
+    # 0.8.1), so its range is copied by name.
+    for source, target in zip(qat_model.layers, rebatched.layers, strict=True):
+        if isinstance(target, QuantizeLayer):
+            low, high = (
+                float(w.numpy())
+                for suffix in ("_min:0", "_max:0")
+                for w in source.weights
+                if w.name.endswith(suffix)
+            )
+            set_input_range(rebatched, low, high)
+        else:
+            target.set_weights(source.get_weights())
+    return rebatched

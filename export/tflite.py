@@ -140,14 +140,13 @@ def convert(
             "representative dataset): pass --data-dir or --dataset."
         )
     if fmt == "qat":
-        if not isinstance(model, tf_keras.Model) or quantize.INPUT_QUANTIZE_LAYER not in [
-            layer.name for layer in model.layers
-        ]:
+        if not isinstance(model, tf_keras.Model):
             raise ValueError(
                 "Format 'qat' converts the fake-quant tf_keras model of "
                 "export.quantize.quantize_model (after fine-tuning). Received: "
                 f"{type(model).__name__} {getattr(model, 'name', '')!r}"
             )
+        quantize.input_quantize_layer(model)  # ValueError if it is not a QAT model
     else:
         model = prepare_keras_model(model, fmt, depthwise_tile=depthwise_tile)
 

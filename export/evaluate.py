@@ -1,0 +1,182 @@
+"""Top-1 accuracy of a .tflite model (ai-edge-litert), optionally against its Keras model.
+
+Usage::
+
+    python -m export.evaluate --tflite out/model_int8.tflite \\
+        --data-dir ../shared/data/cifar10/train --split validation --keras model.keras
+
+prints one JSON line: ``{"top1": ..., "n": ..., "keras_top1": ..., "agreement": ...}``.
+
+The runtime is ``ai_edge_litert.interpreter.Interpreter`` (``tf.lite.Interpreter`` is
+deprecated); raw pixels 0..255 go in, quantized by the input tensor's own (scale, zero point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+
+class TFLiteClassifier:
+    """Runs a .tflite ConvMixer on float pixel batches and returns float logits.
+
+    Quantized inputs are fed as ``round(pixel / scale + zero_point)`` (exact for the exports of
+    :mod:`export.tflite`: ``pixel - 128`` for int8, ``pixel`` for uint8); quantized outputs are
+    dequantized.
+
+    Args:
+        model: path of a .tflite file or its bytes.
+        num_threads: interpreter threads (ai-edge-litert's default is 1).
+
+    Example:
+        >>> # clf = TFLiteClassifier("model.tflite", num_threads=2)
+        >>> # logits = clf.predict(images)  # images: float32 (N, H, W, 3) in 0..255
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, num_threads: int = 1):
+        if isinstance(model, bytes):
+            self.interpreter = Interpreter(model_content=model, num_threads=num_threads)
+        else:
+            if not os.path.exists(model):
+                raise ValueError(f"TFLite file not found: {os.fspath(model)!r}")
+            self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def quantize_input(self, images: np.ndarray) -> np.ndarray:
+        """Float pixels -> the input tensor's dtype (identity for float models)."""
+        dtype = self.input["dtype"]
+        if dtype == np.float32:
+            return images.astype(np.float32)
+        scale, zero_point = self.input["quantization"]
+        info = np.iinfo(dtype)
+        return np.clip(np.round(images / scale + zero_point), info.min, info.max).astype(dtype)
+
+    def invoke(self, batch: np.ndarray) -> np.ndarray:
+        """Runs one batch already in the input dtype; returns the raw output tensor."""
+        self.interpreter.set_tensor(self.input["index"], batch)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Float logits ``(N, classes)`` for float32 pixels ``(N, H, W, 3)`` in 0..255."""
+        images = np.asarray(images, dtype=np.float32)
+        batch = int(self.input["shape"][0])
+        if images.shape[1:] != tuple(self.input["shape"][1:]):
+            raise ValueError(
+                f"Images of shape {images.shape[1:]} do not fit the model input "
+                f"{tuple(self.input['shape'][1:])}."
+            )
+        outputs = []
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            pad = batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            raw = self.invoke(self.quantize_input(chunk))[: batch - pad]
+            outputs.append(raw)
+        logits = np.concatenate(outputs).astype(np.float32)
+        if self.output["dtype"] != np.float32:
+            scale, zero_point = self.output["quantization"]
+            logits = (logits - zero_point) * scale
+        return logits
+
+
+def evaluate(
+    tflite_model: str | os.PathLike | bytes,
+    batches: Iterable,
+    *,
+    keras_model=None,
+    num_threads: int = 1,
+) -> dict:
+    """Top-1 of a .tflite model on ``(images, labels)`` batches, and agreement with Keras.
+
+    Returns ``{"top1", "n"}`` plus, with ``keras_model`` (Keras 3 or tf_keras, e.g. a QAT
+    model), ``{"keras_top1", "agreement"}``: the share of images on which both predict the same
+    class. Accuracies are in percent.
+
+    Example:
+        >>> # evaluate("m.tflite", dataset, keras_model=keras.saving.load_model("m.keras"))
+    """
+    classifier = TFLiteClassifier(tflite_model, num_threads=num_threads)
+    correct = agree = keras_correct = n = 0
+    for images, labels in batches:
+        images = np.asarray(images, dtype=np.float32)
+        labels = np.asarray(labels).reshape(-1)
+        predicted = classifier.predict(images).argmax(-1)
+        correct += int((predicted == labels).sum())
+        if keras_model is not None:
+            keras_predicted = np.asarray(keras_model(images, training=False)).argmax(-1)
+            keras_correct += int((keras_predicted == labels).sum())
+            agree += int((keras_predicted == predicted).sum())
+        n += len(labels)
+    if n == 0:
+        raise ValueError("No evaluation images: the data source is empty.")
+    result = {"top1": 100.0 * correct / n, "n": n}
+    if keras_model is not None:
+        result["keras_top1"] = 100.0 * keras_correct / n
+        result["agreement"] = 100.0 * agree / n
+    return result
+
+
+def load_keras_model(path: str | os.PathLike):
+    """Loads a ``.keras`` file (Keras 3), with the export's custom layers registered."""
+    import keras
+
+    from export import rewrite  # noqa: F401  (registers TiledDepthwiseConv2D)
+
+    if not os.path.exists(path):
+        raise ValueError(f"Keras model file not found: {os.fspath(path)!r}")
+    return keras.saving.load_model(os.fspath(path), compile=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.evaluate", description="Top-1 of a .tflite ConvMixer."
+    )
+    parser.add_argument("--tflite", required=True, help="the .tflite file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
+    source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
+    parser.add_argument("--tfds-data-dir", default=None)
+    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
+    parser.add_argument("--limit-per-class", type=int, default=None)
+    parser.add_argument("--keras", default=None, help="the .keras model to compare with")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64, help="data loading batch size")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point; prints and returns the JSON result."""
+    args = build_parser().parse_args(argv)
+    from training.data import load_dataset
+
+    classifier = TFLiteClassifier(args.tflite)
+    height, width = (int(d) for d in classifier.input["shape"][1:3])
+    dataset, _ = load_dataset(
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        tfds_data_dir=args.tfds_data_dir,
+        split=args.split,
+        image_size=(height, width),
+        batch_size=args.batch_size,
+        limit_per_class=args.limit_per_class,
+    )
+    keras_model = load_keras_model(args.keras) if args.keras else None
+    result = evaluate(
+        args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
+        num_threads=args.threads,
+    )  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

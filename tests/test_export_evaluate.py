@@ -1,0 +1,60 @@
+"""export.evaluate: the ai-edge-litert classifier, top-1 and agreement, the CLI's JSON line."""
+
+import json
+
+import numpy as np
+import pytest
+from export_helpers import keras_logits, pixels, tiny_model
+
+from export import evaluate, tflite
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def fp32_blob(model):
+    return tflite.convert(model, "fp32")
+
+
+def test_classifier_matches_keras_and_pads_batches(model, fp32_blob):
+    classifier = evaluate.TFLiteClassifier(fp32_blob, num_threads=2)
+    images = pixels(3)
+    np.testing.assert_allclose(
+        classifier.predict(images), keras_logits(model, images), rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="do not fit the model input"):
+        classifier.predict(pixels(2, size=32))
+
+
+def test_evaluate_counts_top1_and_agreement(model, fp32_blob):
+    images = pixels(12)
+    predicted = keras_logits(model, images).argmax(-1)
+    labels = predicted.copy()
+    labels[:3] = (labels[:3] + 1) % 10  # 3 of 12 wrong
+    batches = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    result = evaluate.evaluate(fp32_blob, batches, keras_model=model)
+    assert result == {"top1": 75.0, "n": 12, "keras_top1": 75.0, "agreement": 100.0}
+    with pytest.raises(ValueError, match="empty"):
+        evaluate.evaluate(fp32_blob, [])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        evaluate.TFLiteClassifier(tmp_path / "missing.tflite")
+
+
+def test_cli_prints_json(model, fp32_blob, tmp_path, cifar10_train_dir, capsys):
+    tflite_path = tmp_path / "model.tflite"
+    tflite_path.write_bytes(fp32_blob)
+    keras_path = tmp_path / "model.keras"
+    model.save(keras_path)
+    result = evaluate.main(
+        ["--tflite", str(tflite_path), "--data-dir", str(cifar10_train_dir),
+         "--limit-per-class", "2", "--keras", str(keras_path)]
+    )  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result and result["n"] == 20
+    assert result["agreement"] == 100.0 and result["top1"] == result["keras_top1"]

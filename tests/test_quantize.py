@@ -1,0 +1,93 @@
+"""QAT with tfmot: tf_keras rebuild, the annotation policy, and a fully-int8 QAT .tflite."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+from export_helpers import keras_logits, pixels, tiny_model
+
+from export import quantize, tflite
+from export.evaluate import TFLiteClassifier
+
+
+def test_to_tf_keras_gives_identical_outputs():
+    model = tiny_model()
+    rebuilt = quantize.to_tf_keras(model)
+    assert isinstance(rebuilt, tf_keras.Model)
+    ref = keras_logits(model, pixels(4))
+    np.testing.assert_allclose(keras_logits(rebuilt, pixels(4)), ref, rtol=1e-5, atol=1e-6)
+
+
+def _wrapped(qat_model):
+    return {
+        layer.layer.name: layer.quantize_config
+        for layer in qat_model.layers
+        if hasattr(layer, "quantize_config")
+    }
+
+
+def test_every_layer_follows_the_policy_table():
+    model = tiny_model()
+    qat_model = quantize.quantize_model(model)
+    configs = _wrapped(qat_model)
+    base = quantize.to_tf_keras(model)
+    folded = [layer for layer in base.layers if layer.name not in ("pixels", "preprocessing")]
+    assert sorted(configs) == sorted(layer.name for layer in folded)
+    for layer in folded:
+        assert configs[layer.name] == quantize.QUANTIZE_POLICY[type(layer).__name__].make()
+    # every layer's output is quantized with GELU (no fused activation)
+    assert all(cfg.get_output_quantizers(None) for cfg in configs.values())
+
+
+def test_fused_relu_has_no_quantizer_before_it():
+    qat_model = quantize.quantize_model(tiny_model(activation="relu"))
+    configs = _wrapped(qat_model)
+    assert configs["stem_conv"].get_config() == {
+        "weight_attr": "kernel", "per_axis": True, "quantize_output": False,
+    }  # fmt: skip
+    assert configs["stem_act"].get_output_quantizers(None)
+    assert configs["head"].quantize_output  # Dense without ReLU keeps its output quantizer
+
+
+def test_input_quantizer_covers_raw_pixels():
+    qat_model = quantize.quantize_model(tiny_model())
+    layer = quantize.input_quantize_layer(qat_model)
+    weights = {w.name.split("_")[-1]: float(w.numpy()) for w in layer.weights}
+    assert weights["min:0"] == 0.0 and weights["max:0"] == 255.0
+
+
+def test_unsupported_layer_is_a_clear_error():
+    inputs = tf_keras.Input((16, 16, 3))
+    x = tf_keras.layers.Conv2D(4, 2, name="stem_conv")(inputs)
+    x = tf_keras.layers.LayerNormalization(name="ln")(x)
+    with pytest.raises(ValueError, match="'ln' of type LayerNormalization"):
+        quantize.annotate(tf_keras.Model(inputs, x))
+
+
+def test_finetune_rejects_bad_length():
+    qat_model = quantize.quantize_model(tiny_model())
+    data = tf.data.Dataset.from_tensor_slices((pixels(4), np.zeros(4, "int32"))).batch(2)
+    with pytest.raises(ValueError, match="steps=0"):
+        quantize.finetune(qat_model, data, steps=0)
+
+
+@pytest.mark.slow
+def test_qat_tflite_is_fully_int8_and_agrees():
+    images = pixels(48)
+    labels = (images.mean(axis=(1, 2, 3)) // 26).astype("int32")  # a learnable toy target
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    qat_model = quantize.quantize_model(tiny_model())
+    history = quantize.finetune(qat_model, data, steps=3, learning_rate=1e-3)
+    assert np.isfinite(history["loss"])
+    batch1 = quantize.rebatch_qat_model(qat_model)
+    assert batch1.input_shape == (1, 16, 16, 3)
+    blob = tflite.convert(batch1, "qat", calibration_images=images[:16])
+    summary = tflite.summarize(blob)
+    assert tflite.integer_problems(blob) == [] and summary.float_tensors == ()
+    assert "QUANTIZE" not in summary.ops and "DEQUANTIZE" not in summary.ops
+    assert summary.input_quantization == (1.0, -128)
+    fake_quant = keras_logits(qat_model, images)
+    out = TFLiteClassifier(blob).predict(images)
+    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+    scale = tflite.summarize(blob).output_quantization[0]
+    assert np.abs(out - fake_quant).max() <= 4 * scale  # a few output quantization steps

@@ -1,0 +1,131 @@
+"""TFLite conversion: every format against Keras, fully-integer checks, Edge TPU check, errors."""
+
+import os
+
+import numpy as np
+import pytest
+from export_helpers import keras_logits, pixels, tiny_model
+
+from export import tflite
+from export.evaluate import TFLiteClassifier
+
+
+@pytest.fixture(scope="module")
+def gelu_model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return pixels(32)
+
+
+@pytest.fixture(scope="module")
+def int8_blob(gelu_model, images):
+    return tflite.convert(gelu_model, "int8", calibration_images=images)
+
+
+def test_fp32_matches_keras(gelu_model, images):
+    blob = tflite.convert(gelu_model, "fp32")
+    summary = tflite.summarize(blob)
+    assert summary.input_dtype == "float32" and summary.input_shape == (1, 16, 16, 3)
+    ref = keras_logits(gelu_model, images)
+    np.testing.assert_allclose(TFLiteClassifier(blob).predict(images), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, tolerance", [("fp16", 2e-2), ("dynamic", 5e-2)])
+def test_float_formats_close_to_keras(gelu_model, images, fmt, tolerance):
+    blob = tflite.convert(gelu_model, fmt)
+    assert tflite.summarize(blob).input_dtype == "float32"
+    ref = keras_logits(gelu_model, images)
+    out = TFLiteClassifier(blob).predict(images)
+    assert np.abs(out - ref).max() <= tolerance * np.abs(ref).max()
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_is_fully_integer(int8_blob):
+    summary = tflite.summarize(int8_blob)
+    assert tflite.integer_problems(int8_blob) == []
+    assert summary.float_tensors == ()
+    assert set(summary.tensor_types) <= {"int8", "int32"}
+    assert "QUANTIZE" not in summary.ops and "DEQUANTIZE" not in summary.ops
+    assert summary.ops[0] == "CONV_2D"  # normalization folded into the stem conv
+    # raw pixels map exactly: q = pixel - 128
+    assert summary.input_dtype == "int8" and summary.input_quantization == (1.0, -128)
+    assert summary.output_dtype == "int8"
+
+
+def test_int8_agrees_with_keras(gelu_model, images, int8_blob):
+    ref = keras_logits(gelu_model, images)
+    out = TFLiteClassifier(int8_blob).predict(images)
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_uint8_io_feeds_raw_pixels(gelu_model, images, int8_blob):
+    blob = tflite.convert(gelu_model, "int8", calibration_images=images, io_type="uint8")
+    summary = tflite.summarize(blob)
+    assert summary.input_dtype == "uint8" and summary.input_quantization == (1.0, 0)
+    assert tflite.integer_problems(blob) == []
+    uint8 = TFLiteClassifier(blob)
+    np.testing.assert_array_equal(uint8.quantize_input(images[:1]), images[:1].astype(np.uint8))
+    np.testing.assert_allclose(
+        uint8.predict(images), TFLiteClassifier(int8_blob).predict(images), atol=1e-6
+    )
+
+
+def test_edgetpu_check_flags_gelu_and_passes_relu(images, int8_blob):
+    gelu = tflite.edgetpu_report(int8_blob)
+    assert not gelu["compatible"] and gelu["unsupported_ops"] == ["GELU"]
+    relu_blob = tflite.convert(tiny_model(activation="relu"), "int8", calibration_images=images)
+    relu = tflite.edgetpu_report(relu_blob)
+    assert relu["compatible"], relu["problems"]
+
+
+def test_float_model_is_not_edgetpu_compatible(gelu_model):
+    report = tflite.edgetpu_report(tflite.convert(gelu_model, "fp32"))
+    assert not report["compatible"] and any("float" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "qat"])
+def test_integer_formats_need_calibration_data(gelu_model, fmt):
+    with pytest.raises(ValueError, match="calibration images"):
+        tflite.convert(gelu_model, fmt)
+
+
+def test_qat_format_needs_a_qat_model(gelu_model, images):
+    with pytest.raises(ValueError, match="quantize_model"):
+        tflite.convert(gelu_model, "qat", calibration_images=images)
+
+
+def test_bad_format_and_io_type(gelu_model):
+    with pytest.raises(ValueError, match="Unknown format 'int4'"):
+        tflite.convert(gelu_model, "int4")
+    with pytest.raises(ValueError, match="io_type"):
+        tflite.convert(gelu_model, "fp32", io_type="int16")
+
+
+def test_non_convmixer_is_rejected():
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    other = keras.Model(inputs, keras.layers.Dense(3, name="dense")(inputs))
+    with pytest.raises(ValueError, match="not a ConvMixer"):
+        tflite.convert(other, "fp32")
+
+
+def test_labels_travel_in_metadata(int8_blob):
+    names = ["airplane", "automobile", "bird"]
+    blob = tflite.add_labels(int8_blob, names)
+    assert tflite.read_labels(blob) == names
+    assert tflite.read_labels(int8_blob) is None
+    assert tflite.integer_problems(blob) == []  # the model itself is untouched
+
+
+def test_write_atomic_replaces_without_leftovers(tmp_path):
+    path = tmp_path / "out" / "model.tflite"
+    tflite.write_atomic(path, b"first")
+    tflite.write_atomic(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert os.listdir(path.parent) == ["model.tflite"]
+    assert tflite.labels_path(path).endswith("model.labels.txt")
