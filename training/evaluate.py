@@ -55,11 +55,16 @@ def evaluate(model, dataset: tf.data.Dataset, class_names: Sequence[str]) -> dic
     correct = np.zeros(num_classes, np.int64)
     total = np.zeros(num_classes, np.int64)
     top5 = 0
+
+    @tf.function(reduce_retracing=True)
+    def predict(images):
+        return model(images, training=False)
+
     for images, labels in dataset:
         labels = labels.numpy()
         if labels.ndim == 2:
             labels = labels.argmax(axis=-1)
-        logits = np.asarray(model.predict_on_batch(images))
+        logits = predict(images).numpy()
         top = np.argsort(-logits, axis=-1)[:, :k]
         hit1 = top[:, 0] == labels
         top5 += int((top == labels[:, None]).any(axis=-1).sum())
