@@ -245,3 +245,73 @@ def test_sync_bn_mirrored_replicas_match_one_replica(tmp_path):
     assert synced["max_diff"] < REPLICA_ATOL
     # Without synchronized BN each replica normalizes its own 4 images: the runs diverge.
     assert unsynced["max_diff"] > 100 * REPLICA_ATOL
+
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def tiny_train_args(data_dir, output_dir) -> list[str]:
+    """A tiny ConvMixer on 4 images per class at 16x16, no augmentation, no validation."""
+    return [
+        "--data-dir", str(data_dir), "--limit-per-class", "4", "--image-size", "16",
+        "--dim", "16", "--depth", "1", "--kernel-size", "3", "--patch-size", "4",
+        "--batch-size", "8", "--randaugment-ops", "0", "--no-hflip", "--scale", "1,1",
+        "--val-split", "", "--verbose", "0", "--output-dir", str(output_dir),
+    ]  # fmt: skip
+
+
+def worker_env() -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+def batches_seen(output: str) -> list[tuple[int, int]]:
+    return [
+        (int(e), int(b))
+        for _, e, b in (li.split() for li in output.splitlines() if li.startswith("BATCH "))
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keras_module, resumes_mid_epoch", [("tf_keras", True), ("keras", False)])
+def test_killed_run_resumes_from_backup(
+    cifar10_train_dir, tmp_path, keras_module, resumes_mid_epoch
+):
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "train_worker", "--batch-delay", "0.25",
+        *tiny_train_args(cifar10_train_dir, output_dir),
+        "--epochs", "2", "--steps-per-epoch", "6", "--backup-freq", "2",
+        "--keras-module", keras_module, "--strategy", "default",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        command, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in first.stdout:  # kill -9 in epoch 2, after its backups at batches 2 and 4
+            if line.strip() == "BATCH 1 3":
+                first.kill()
+                break
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert first.returncode == -9, "the first run ended before it could be killed"
+    assert not (output_dir / "model.keras").exists()
+    assert (output_dir / "backup").is_dir()
+
+    second = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = batches_seen(second.stdout)
+    assert resumed[0][0] == 1  # epoch 1 (the first) was not trained again
+    if resumes_mid_epoch:
+        assert 0 < resumed[0][1] < 6  # tf_keras: from the batch after the last backup
+    else:
+        assert resumed[0][1] == 0  # Keras 3: the interrupted epoch starts again
+    assert resumed[-1] == (1, 5)
+    assert (output_dir / "model.keras").is_file()
+    assert not (output_dir / "backup").exists()  # removed once the run finished
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["final"]["epoch"] == 2

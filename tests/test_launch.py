@@ -71,3 +71,43 @@ def test_parse_args_passes_everything_after_double_dash():
 def test_zero_workers_is_rejected():
     with pytest.raises(ValueError, match="workers=0"):
         launch.launch([sys.executable, "-c", "pass"], 0)
+
+
+@pytest.mark.slow
+def test_two_workers_train_agree_and_only_the_chief_writes(cifar10_train_dir, tmp_path):
+    import numpy as np
+    import tf_keras
+    from test_distribute import tiny_train_args, worker_env
+
+    # Workers make their temporary folders here: the non-chief's must be gone at the end.
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    env = {**worker_env(), "TMPDIR": str(temp_root)}
+    output_dir = tmp_path / "run"
+    program = [
+        sys.executable, "-m", "train_worker", *tiny_train_args(cifar10_train_dir, output_dir),
+        "--strategy", "multi_worker", "--epochs", "2", "--sync-bn",
+    ]  # fmt: skip
+    output = io.StringIO()
+    status = launch.launch(program, 2, env=env, output=output)
+    text = output.getvalue()
+    assert status == 0, text[-3000:]
+    assert "MultiWorkerMirroredStrategy with 2 replicas on 2 workers" in text
+    weights = {}
+    for line in text.splitlines():
+        prefix, _, rest = line.partition("] ")
+        if rest.startswith("WEIGHTS "):
+            weights[prefix] = [np.asarray(w) for w in json.loads(rest.removeprefix("WEIGHTS "))]
+    assert sorted(weights) == ["[worker 0", "[worker 1"]
+    for w0, w1 in zip(weights["[worker 0"], weights["[worker 1"], strict=True):
+        np.testing.assert_allclose(w0, w1, rtol=0, atol=1e-6)
+    # The chief alone wrote the outputs; its saved model holds the weights both workers reached.
+    assert sorted(p.name for p in output_dir.iterdir()) == [
+        "class_names.json", "config.json", "logs", "metrics.json", "model.keras",
+        "training_curves.png",
+    ]  # fmt: skip
+    assert len(list((output_dir / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert list(temp_root.iterdir()) == []
+    saved = tf_keras.models.load_model(output_dir / "model.keras", compile=False)
+    for w_saved, w0 in zip(saved.get_weights(), weights["[worker 0"], strict=True):
+        np.testing.assert_allclose(w_saved, w0, rtol=0, atol=1e-6)

@@ -100,6 +100,9 @@ class TrainConfig:
     tpu: str | None = None
     sync_bn: bool = False
     shard_policy: str = "auto"
+    # Fault tolerance: back up every this many batches (tf_keras only: it resumes mid-epoch);
+    # None backs up at the end of every epoch (Keras 3 always does, and restarts the epoch).
+    backup_freq: int | None = None
 
     def __post_init__(self) -> None:
         check(self)
@@ -139,6 +142,11 @@ def check(config: TrainConfig) -> None:
     _choice("lr_scaling", config.lr_scaling, LR_SCALING_RULES)
     _choice("shard_policy", config.shard_policy, SHARD_POLICIES)
     _choice("activation", config.activation, (None, "gelu", "relu"))
+    if config.backup_freq is not None and config.backup_freq < 1:
+        raise ValueError(
+            f"`backup_freq` must be a positive number of batches or None (every epoch). "
+            f"Received: backup_freq={config.backup_freq}"
+        )
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(config, name)}")

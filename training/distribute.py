@@ -207,10 +207,23 @@ def describe_strategy(strategy: tf.distribute.Strategy) -> str:
 
     Example:
         >>> describe_strategy(tf.distribute.get_strategy())
-        '_DefaultDistributionStrategy with 1 replica'
+        'default strategy with 1 replica'
     """
     replicas = strategy.num_replicas_in_sync
-    text = f"{type(strategy).__name__} with {replicas} replica{'s' if replicas != 1 else ''}"
+    # The public names: MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
+    for public, public_name in (
+        (tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
+        (tf.distribute.MirroredStrategy, "MirroredStrategy"),
+        (tf.distribute.TPUStrategy, "TPUStrategy"),
+    ):
+        if isinstance(strategy, public):
+            name = public_name
+            break
+    else:
+        name = type(strategy).__name__
+        if name == "_DefaultDistributionStrategy":
+            name = "default strategy"
+    text = f"{name} with {replicas} replica{'s' if replicas != 1 else ''}"
     resolver = getattr(strategy, "cluster_resolver", None)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and resolver is not None:
         workers = len(resolver.cluster_spec().as_dict().get("worker", []))
@@ -240,6 +253,22 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
     if task_type is None or task_type == "chief":
         return True
     return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Waits until every worker of a multi-worker strategy reaches this point (no-op otherwise).
+
+    A worker that exits while another still runs TensorFlow ops makes those ops fail ("The
+    tasks have crashed"): call this after the last step every worker takes part in (saving).
+
+    Example:
+        >>> barrier(tf.distribute.get_strategy())  # one process: returns at once
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    # An all-reduce over all replicas returns only when every worker has contributed.
+    per_replica = strategy.run(tf.function(lambda: tf.constant(1.0)))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
 @contextlib.contextmanager
