@@ -160,6 +160,36 @@ def test_shard_policy_rejects_unknown_name():
         distribute.with_shard_policy(tf.data.Dataset.range(2), "rows")
 
 
+def test_auto_uses_mirrored_for_cpu_replicas(no_cluster_env):
+    assert distribute.resolve_strategy_name("auto", num_gpus=0, cpu_replicas=2) == "mirrored"
+
+
+@pytest.mark.parametrize(
+    "policy, image_folder, expected",
+    [
+        ("auto", True, "data"),
+        ("auto", False, "auto"),
+        ("file", True, "file"),
+        ("off", False, "off"),
+    ],
+)
+def test_resolve_shard_policy(policy, image_folder, expected):
+    assert distribute.resolve_shard_policy(policy, image_folder) == expected
+
+
+def test_training_pipeline_has_the_static_shapes_tpus_need(cifar10_train_dir):
+    from training import augment
+    from training.config import TrainConfig
+
+    config = TrainConfig(
+        data_dir=str(cifar10_train_dir), limit_per_class=2, image_size=16, batch_size=8
+    )
+    train_data = augment.make_train_dataset(config)
+    distribute.check_static_shapes(train_data.dataset)  # full batches of fixed-size images
+    images, labels = train_data.dataset.element_spec
+    assert images.shape.as_list() == [8, 16, 16, 3]
+
+
 def test_tpu_input_pipeline_needs_static_shapes():
     images = tf.data.Dataset.from_tensor_slices(tf.zeros([10, 16, 16, 3]))
     distribute.check_static_shapes(images.batch(4, drop_remainder=True))

@@ -73,13 +73,13 @@ def _tf_config() -> dict:
 
 
 def resolve_strategy_name(
-    strategy: str, tpu: str | None = None, num_gpus: int | None = None
+    strategy: str, tpu: str | None = None, num_gpus: int | None = None, cpu_replicas: int = 0
 ) -> str:
     """Resolves ``"auto"`` to a concrete strategy name; checks the others.
 
     ``auto`` picks ``"tpu"`` when a TPU is configured (``tpu`` given, or ``TPU_NAME`` set),
-    ``"mirrored"`` when several GPUs are visible, ``"default"`` otherwise. It never picks
-    ``multi_worker``: a multi-host job must say so.
+    ``"mirrored"`` when several GPUs are visible or ``cpu_replicas`` > 1, ``"default"``
+    otherwise. It never picks ``multi_worker``: a multi-host job must say so.
 
     Example:
         >>> resolve_strategy_name("auto", tpu=None, num_gpus=2)
@@ -95,7 +95,7 @@ def resolve_strategy_name(
         return "tpu"
     if num_gpus is None:
         num_gpus = len(tf.config.list_physical_devices("GPU"))
-    if num_gpus > 1:
+    if num_gpus > 1 or cpu_replicas > 1:
         return "mirrored"
     if _tf_config().get("cluster"):
         logger.warning(
@@ -174,7 +174,7 @@ def make_strategy(config_or_args: Any) -> tf.distribute.Strategy:
     name = _field(config_or_args, "strategy", "auto")
     cpu_replicas = _field(config_or_args, "cpu_replicas", 0) or 0
     tpu = _field(config_or_args, "tpu", None)
-    name = resolve_strategy_name(name, tpu)
+    name = resolve_strategy_name(name, tpu, cpu_replicas=cpu_replicas)
     devices = None
     if cpu_replicas:
         devices = [d.name for d in configure_cpu_replicas(cpu_replicas)]
@@ -382,6 +382,27 @@ def set_precision_policy(policy: str, keras_module: str = "keras") -> None:
         import keras
 
         keras.mixed_precision.set_global_policy(policy)
+
+
+def resolve_shard_policy(policy: str, image_folder: bool) -> str:
+    """Makes ``"auto"`` explicit: ``"data"`` for an image folder, ``"auto"`` for TFDS.
+
+    An image folder is one in-memory list of paths, so FILE sharding has no files to split:
+    every worker keeps 1/N of the elements (DATA). TFDS datasets are sharded TFRecord files:
+    TensorFlow's AUTO gives each worker its own files (FILE) when there are at least as many
+    files as workers, and falls back to DATA otherwise.
+
+    Example:
+        >>> resolve_shard_policy("auto", image_folder=True)
+        'data'
+    """
+    if policy not in SHARD_POLICIES:
+        raise ValueError(
+            f"`shard_policy` must be one of {tuple(SHARD_POLICIES)}. Received: {policy!r}"
+        )
+    if policy == "auto" and image_folder:
+        return "data"
+    return policy
 
 
 def with_shard_policy(dataset: tf.data.Dataset, policy: str) -> tf.data.Dataset:

@@ -211,11 +211,16 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
         distribute.precision_policy(config.mixed_precision, strategy), keras_module
     )
     train_ds, class_names, steps, skipped = augment.make_train_dataset(config)
-    train_ds = distribute.with_shard_policy(train_ds, config.shard_policy)
+    shard_policy = distribute.resolve_shard_policy(
+        config.shard_policy, image_folder=config.data_dir is not None
+    )
+    if distribute.needs_static_shapes(strategy):
+        distribute.check_static_shapes(train_ds)
+    train_ds = distribute.with_shard_policy(train_ds, shard_policy)
     val_ds = None
     if config.val_split:
         val_ds, _ = augment.make_validation_dataset(config, len(class_names))
-        val_ds = distribute.with_shard_policy(val_ds, config.shard_policy)
+        val_ds = distribute.with_shard_policy(val_ds, shard_policy)
     with strategy.scope():
         model = build_model(config, len(class_names), keras_module)
         compile_model(model, config, steps)
