@@ -215,6 +215,7 @@ def test_kill_9_then_rerun_resumes(cifar10_train_dir, tmp_path):
     pointer = out / "backup" / "latest.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not pointer.exists():
+        assert process.poll() is None, "the training process ended before its first backup"
         time.sleep(0.2)
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
