@@ -1,0 +1,78 @@
+"""The training benchmark: FLOP count from layer shapes, the matmul peak, and the command line's
+one JSON line on a tiny model."""
+
+import json
+
+import pytest
+
+import convmixer_tf
+from training import benchmark
+
+
+def test_forward_macs_counts_convs_and_dense_from_shapes():
+    model = convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3), num_classes=10)
+    positions = 4 * 4  # 8x8 input, patch 2
+    expected = (
+        positions * 2 * 2 * 3 * 16  # stem conv
+        + positions * 3 * 3 * 16  # depthwise 3x3
+        + positions * 16 * 16  # pointwise 1x1
+        + 16 * 10  # head
+    )
+    assert benchmark.forward_macs(model) == expected
+    assert benchmark.training_flops_per_image(model) == 6 * expected
+
+
+def test_forward_macs_of_convmixer_256_8_matches_reference():
+    # REFERENCE.md: ConvMixer-256/8 at 32x32 has about 148 M MACs
+    model = convmixer_tf.create_model("convmixer_256_8")
+    assert 147e6 < benchmark.forward_macs(model) < 149e6
+
+
+def test_forward_macs_needs_a_fixed_input_size():
+    model = convmixer_tf.ConvMixer(16, 1, 3, 2, num_classes=10)  # (None, None, 3) input
+    with pytest.raises(ValueError, match="stem_conv.*fixed input_shape"):
+        benchmark.forward_macs(model)
+
+
+def test_matmul_peak_is_positive_and_checks_arguments():
+    assert benchmark.matmul_peak_flops(size=128, repeats=2) > 1e6
+    with pytest.raises(ValueError, match="positive"):
+        benchmark.matmul_peak_flops(size=0)
+
+
+@pytest.mark.slow  # builds the real training pipeline and traces a training step
+def test_cli_prints_one_json_line_with_sane_values(capsys, cifar10_train_dir):
+    argv = ["--dim", "16", "--depth", "1", "--batch-size", "8", "--steps", "2"]
+    argv += ["--warmup-steps", "1", "--peak-size", "256", "--data-dir", str(cifar10_train_dir)]
+    assert benchmark.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    expected_keys = {
+        "img_per_s",
+        "step_ms_median",
+        "train_gflop_per_image",
+        "achieved_gflops",
+        "peak_gflops",
+        "fraction_of_peak",
+        "batch_size",
+        "steps",
+        "keras_module",
+        "cpu",
+    }
+    assert expected_keys <= set(record)
+    assert record["batch_size"] == 8 and record["steps"] == 2 and record["dim"] == 16
+    assert record["img_per_s"] > 0 and record["step_ms_median"] > 0
+    assert 0 < record["fraction_of_peak"] < 1
+    model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(32, 32, 3), num_classes=10)
+    flops = benchmark.training_flops_per_image(model)
+    assert record["train_gflop_per_image"] == pytest.approx(flops / 1e9, abs=1e-4)
+    assert record["achieved_gflops"] == pytest.approx(
+        record["img_per_s"] * flops / 1e9, rel=0.01, abs=1e-3
+    )
+
+
+def test_cli_reports_bad_arguments(capsys, cifar10_train_dir):
+    argv = ["--steps", "0", "--dim", "16", "--depth", "1", "--data-dir", str(cifar10_train_dir)]
+    assert benchmark.main(argv) == 2
+    assert "`steps`" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""The blocks' fused-gradient exact GELU: values and gradients equal keras' gelu, the layer's
+config, serialization (safe_mode) and the Keras 3 / tf_keras builds' outputs."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import convmixer_tf
+from convmixer_tf import blocks
+
+# Float32 rounding of GELU and its derivative, which stay within about 1.2 in [-8, 8].
+ATOL = 2e-6
+
+
+def reference_values_and_gradients(x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = keras.activations.gelu(x, approximate=False)
+    return y, tape.gradient(y, x, output_gradients=tf.ones_like(x) * 0.7)
+
+
+@pytest.mark.parametrize("run", ["eager", "graph"])
+def test_gelu_fused_equals_keras_gelu_values_and_gradients(run):
+    x = tf.constant(np.concatenate([np.linspace(-8, 8, 4001), [-30.0, 0.0, 30.0]]), tf.float32)
+
+    def fused(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = blocks.gelu_fused(x)
+        return y, tape.gradient(y, x, output_gradients=tf.ones_like(x) * 0.7)
+
+    if run == "graph":
+        fused = tf.function(fused)
+    y, dy = fused(x)
+    y_ref, dy_ref = reference_values_and_gradients(x)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(dy.numpy(), dy_ref.numpy(), rtol=0, atol=ATOL)
+    # the derivative's known values: gelu'(0) = 1/2, gelu'(large) = 1, gelu'(-large) = 0
+    np.testing.assert_allclose(dy.numpy()[-3:], [0.0, 0.35, 0.7], atol=1e-7)
+
+
+def test_gelu_fused_keeps_float16_dtype():
+    x = tf.constant(np.linspace(-4, 4, 101), tf.float16)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = blocks.gelu_fused(x)
+    dy = tape.gradient(y, x)
+    assert y.dtype == tf.float16 and dy.dtype == tf.float16
+    y_ref, _ = reference_values_and_gradients(tf.cast(x, tf.float32))
+    np.testing.assert_allclose(y.numpy().astype("float32"), y_ref.numpy(), atol=5e-3)
+
+
+def test_gelu_layer_training_and_inference_equal_activation_gelu():
+    x = tf.random.stateless_normal((2, 4, 4, 8), seed=(1, 2)) * 3
+    gelu = blocks.gelu_layer_class(keras)(name="act")
+    reference = keras.layers.Activation("gelu")(x).numpy()
+    np.testing.assert_array_equal(gelu(x, training=False).numpy(), reference)
+    np.testing.assert_allclose(gelu(x, training=True).numpy(), reference, atol=ATOL)
+    assert gelu.get_config()["activation"] == "gelu"
+    with pytest.raises(ValueError, match="only computes 'gelu'"):
+        blocks.gelu_layer_class(keras)(activation="relu")
+
+
+def test_models_use_fused_gelu_for_keras3_only(tiny_kwargs):
+    k3 = convmixer_tf.ConvMixer(**tiny_kwargs)
+    k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")
+    relu = convmixer_tf.ConvMixer(**tiny_kwargs, activation="relu")
+    assert type(k3.get_layer("blocks_1_pwconv_act")).__name__ == "GELU"
+    assert type(k2.get_layer("blocks_1_pwconv_act")) is tf_keras.layers.Activation
+    assert type(relu.get_layer("stem_act")) is keras.layers.Activation
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    k2.set_weights(k3.get_weights())
+    np.testing.assert_allclose(k3(x, training=False), k2(x, training=False), atol=1e-5)
+    # training mode: fused GELU vs tf_keras' gelu, batch statistics in BatchNorm
+    np.testing.assert_allclose(k3(x, training=True), k2(x, training=True), atol=1e-4)
+
+
+def test_gelu_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
+    model = convmixer_tf.ConvMixer(**tiny_kwargs)
+    path = tmp_path / "gelu.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded.get_layer("stem_act")).__name__ == "GELU"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
+    """A training step's gradients with the fused GELU equal those of Activation("gelu")."""
+    fused = convmixer_tf.ConvMixer(**tiny_kwargs)
+    monkeypatch.setattr(
+        blocks,
+        "activation_layer",
+        lambda keras, activation, name: keras.layers.Activation(activation, name=name),
+    )
+    plain = convmixer_tf.ConvMixer(**tiny_kwargs)
+    assert type(plain.get_layer("stem_act")) is keras.layers.Activation
+    plain.set_weights(fused.get_weights())
+    x = tf.constant(np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
+
+    def grads(model):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    fused_grads, plain_grads = grads(fused), grads(plain)
+    scale = max(float(tf.reduce_max(tf.abs(g))) for g in plain_grads)
+    for g_fused, g_plain in zip(fused_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(g_fused / scale, g_plain / scale, rtol=0, atol=1e-5)

@@ -1,0 +1,310 @@
+"""Training throughput of the real training step, as a fraction of this machine's matmul peak.
+
+Prints ONE JSON line (to stdout; logs go to stderr)::
+
+    python -m training.benchmark --model convmixer_256_8 --batch-size 128 --steps 5
+
+The step timed is the one ``python -m training.train`` runs: :func:`training.trainer.build_training`
+builds the strategy, pipeline and model from the recipe (default ``cifar10_convmixer_256_8``) and
+compiles them (AdamW, one-cycle lr, clipping, label smoothing, metrics), and ``model.fit`` runs
+``--warmup-steps`` steps (tracing) and then ``--steps`` timed steps. With ``--data synthetic``
+(default) the pipeline's first batch is repeated from memory, so the number is the training
+step's alone; ``--data real`` times the augmented pipeline too (it shares the same CPU cores).
+
+FLOPs, from the model's layer shapes (no profiler):
+
+* forward multiply-accumulates (MACs) per image: Conv2D ``H_out*W_out*k_h*k_w*C_in*C_out``,
+  DepthwiseConv2D ``H_out*W_out*k_h*k_w*C_in*multiplier``, Dense ``C_in*C_out``;
+* training FLOPs per image ``= 3 * forward MACs * 2``: the backward pass does about twice the
+  forward's work (gradients of the inputs and of the weights), and a MAC is 2 FLOPs.
+  Elementwise work (activations, BatchNorm, the optimizer) is not counted: it is overhead.
+
+The peak is measured in the same process, with the same thread settings: the best time of a
+float32 ``tf.matmul`` of two ``--peak-size`` square matrices (``2 * n**3`` FLOPs), measured
+before and after the timed steps (the higher is used). ``fraction_of_peak`` =
+``img_per_s * train_flops_per_image / peak_flops``. Other processes on the same cores lower both
+numbers; the ratio is the comparable figure.
+
+Example:
+    >>> from training.benchmark import forward_macs
+    >>> import convmixer_tf
+    >>> model = convmixer_tf.create_model("convmixer_256_8")
+    >>> round(forward_macs(model) / 1e6)  # ConvMixer-256/8 at 32x32
+    148
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+import convmixer_tf
+from training import config as config_lib
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RECIPE = "cifar10_convmixer_256_8"
+DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "cifar10", "train")
+DATA_MODES = ("synthetic", "real")
+
+
+def forward_macs(model) -> int:
+    """Multiply-accumulates of one forward pass of one image, from the layers' shapes.
+
+    Counts Conv2D, DepthwiseConv2D and Dense layers (ConvMixer's only matmul-like layers);
+    raises a ValueError naming a conv layer with a grouped or dilated kernel (not counted here).
+
+    Example:
+        >>> import convmixer_tf
+        >>> forward_macs(convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3),
+        ...                                     num_classes=10))
+        9632
+    """
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        config = layer.get_config()
+        if max(config.get("dilation_rate", (1, 1))) > 1 or config.get("groups", 1) != 1:
+            raise ValueError(
+                f"Layer {layer.name!r}: FLOPs of dilated or grouped convolutions are not counted."
+            )
+        input_shape = tuple(layer.input.shape)
+        output_shape = tuple(layer.output.shape)
+        if None in input_shape[1:] or None in output_shape[1:]:
+            raise ValueError(
+                f"Layer {layer.name!r} has an unknown spatial size {output_shape}: build the "
+                "model with a fixed input_shape to count its FLOPs."
+            )
+        if kind == "Dense":
+            total += input_shape[-1] * output_shape[-1]
+            continue
+        out_positions = math.prod(output_shape[1:-1])
+        kernel_positions = math.prod(config["kernel_size"])
+        if kind == "Conv2D":
+            total += out_positions * kernel_positions * input_shape[-1] * output_shape[-1]
+        else:
+            total += out_positions * kernel_positions * output_shape[-1]
+    return total
+
+
+def training_flops_per_image(model) -> int:
+    """``3 * forward MACs * 2``: forward + backward (twice the forward) FLOPs of one image."""
+    return 3 * 2 * forward_macs(model)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Float32 FLOP/s of ``tf.matmul`` of two ``size x size`` matrices (best of ``repeats``).
+
+    Example:
+        >>> matmul_peak_flops(size=256, repeats=2) > 0
+        True
+    """
+    if size < 1 or repeats < 1:
+        raise ValueError(f"`size` and `repeats` must be positive. Received: {size}, {repeats}")
+    a = tf.random.normal((size, size), dtype=tf.float32)
+    b = tf.random.normal((size, size), dtype=tf.float32)
+    matmul = tf.function(tf.linalg.matmul)
+    matmul(a, b).numpy()  # trace and warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), or ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _step_timer(keras):
+    """A callback class that records the wall time of every training batch."""
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def run_benchmark(
+    config: config_lib.TrainConfig,
+    steps: int,
+    warmup_steps: int = 2,
+    data: str = "synthetic",
+    peak_size: int = 2048,
+) -> dict[str, Any]:
+    """Times ``steps`` training steps of ``config`` (after ``warmup_steps``); returns the record.
+
+    Args:
+        config: the training config (model, batch size, keras module, augmentation, ...).
+        steps: timed training steps (``model.fit`` batches).
+        warmup_steps: untimed steps first (graph tracing, memory allocation); at least 1.
+        data: ``"synthetic"`` repeats one batch of the real pipeline from memory (times the
+            training step alone); ``"real"`` times the augmented input pipeline too.
+        peak_size: matrix size of the matmul peak measurement.
+
+    Returns:
+        A JSON-ready dict: ``img_per_s``, ``step_ms_median``, ``train_gflop_per_image``,
+        ``achieved_gflops``, ``peak_gflops``, ``fraction_of_peak`` and the run's settings.
+
+    Example:
+        >>> config = config_lib.TrainConfig(data_dir="../shared/data/cifar10/train", dim=16,
+        ...     depth=1, batch_size=8, limit_per_class=2, val_split=None, verbose=0)
+        >>> record = run_benchmark(config, steps=2, warmup_steps=1)  # doctest: +SKIP
+        >>> sorted(record)[:2]  # doctest: +SKIP
+        ['achieved_gflops', 'activation']
+    """
+    from training import trainer  # imports Keras: after the thread settings
+
+    if steps < 1 or warmup_steps < 1:
+        raise ValueError(
+            f"`steps` and `warmup_steps` must be positive. Received: steps={steps}, "
+            f"warmup_steps={warmup_steps}"
+        )
+    if data not in DATA_MODES:
+        raise ValueError(f"`data` must be one of {DATA_MODES}. Received: data={data!r}")
+    training = trainer.build_training(config)
+    dataset = training.train_ds
+    if data == "synthetic":
+        dataset = dataset.take(1).cache().repeat()
+    flops_per_image = training_flops_per_image(training.model)
+
+    peak_before = matmul_peak_flops(peak_size)
+    fit_args = {"epochs": 1, "verbose": 0, "shuffle": False}
+    training.model.fit(dataset, steps_per_epoch=warmup_steps, **fit_args)
+    timer = _step_timer(training.keras)
+    start = time.perf_counter()
+    training.model.fit(dataset, steps_per_epoch=steps, callbacks=[timer], **fit_args)
+    elapsed = time.perf_counter() - start
+    peak = max(peak_before, matmul_peak_flops(peak_size))
+
+    batch = training.config.batch_size
+    img_per_s = steps * batch / elapsed
+    step_times = sorted(timer.times)
+    median = step_times[len(step_times) // 2]
+    return {
+        "model": config.model,
+        "dim": training.model.get_layer("stem_conv").get_config()["filters"],
+        "image_size": config.image_size,
+        "batch_size": batch,
+        "steps": steps,
+        "data": data,
+        "keras_module": training.config.keras_module,
+        "activation": training.config.activation
+        or convmixer_tf.get_preset(config.model).activation,
+        "precision": "mixed" if config.mixed_precision else "float32",
+        "img_per_s": round(img_per_s, 2),
+        "step_ms_median": round(1000 * median, 1),
+        "train_gflop_per_image": round(flops_per_image / 1e9, 4),
+        "achieved_gflops": round(img_per_s * flops_per_image / 1e9, 4),
+        "peak_gflops": round(peak / 1e9, 1),
+        "fraction_of_peak": round(img_per_s * flops_per_image / peak, 4),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.benchmark",
+        description="Times the real training step; prints one JSON line (img/s, fraction of the "
+        "measured float32 matmul peak).",
+    )
+    parser.add_argument("--model", default="convmixer_256_8", help="a convmixer_tf preset name")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or JSON file")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data", choices=DATA_MODES, default="synthetic")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--kernel-size", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--activation", choices=("gelu", "relu"), default=None)
+    parser.add_argument(
+        "--keras-module", choices=config_lib.KERAS_MODULES, default="keras", help="default: keras"
+    )
+    parser.add_argument("--mixed-precision", action="store_true")
+    parser.add_argument("--jit-compile", action="store_true", help="XLA for the whole step")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="0: TensorFlow's default")
+    parser.add_argument("--inter-op-threads", type=int, default=0, help="0: TensorFlow's default")
+    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
+    """The training config the benchmark runs: the recipe with the command line's overrides."""
+    config = config_lib.from_recipe(args.recipe)
+    overrides = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "data_dir": args.data_dir,
+        "dataset": None,
+        "keras_module": args.keras_module,
+        "mixed_precision": args.mixed_precision,
+        "jit_compile": args.jit_compile,
+        "val_split": None,
+        "verbose": 0,
+    }
+    for name in ("image_size", "dim", "depth", "kernel_size", "patch_size", "activation"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.data == "synthetic":
+        # One batch is all the synthetic mode reads: decode only a few images per class.
+        overrides["limit_per_class"] = max(1, math.ceil(args.batch_size / 10))
+    return config_lib.apply_overrides(config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: prints one JSON line with the benchmark's record."""
+    args = _parser().parse_args(argv)
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    try:
+        config = config_from_args(args)
+        record = run_benchmark(config, args.steps, args.warmup_steps, args.data, args.peak_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
