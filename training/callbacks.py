@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from training import distribute
 from training.config import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -157,12 +158,17 @@ def callback_classes(keras):
 
     class BestCheckpoint(keras.callbacks.Callback):
         """Saves the model (``.keras``) when ``val_accuracy`` improves, atomically; the best
-        value of an interrupted run is read back from ``metrics.json``."""
+        value of an interrupted run is read back from ``metrics.json``.
 
-        def __init__(self, path: str, monitor: str = "val_accuracy"):
+        Every worker of a multi-worker run needs it (saving runs collective ops); the
+        non-chiefs save into a temporary folder that is deleted (``chief_write_dir``).
+        """
+
+        def __init__(self, path: str, monitor: str = "val_accuracy", strategy=None):
             super().__init__()
             self.path = path
             self.monitor = monitor
+            self.strategy = strategy
             history = read_history(os.path.dirname(path))
             self.best = max((h.get(monitor, -math.inf) for h in history), default=-math.inf)
 
@@ -171,7 +177,11 @@ def callback_classes(keras):
             if value is None or float(value) <= self.best:
                 return
             self.best = float(value)
-            save_model_atomic(self.model, self.path)
+            folder, name = os.path.split(self.path)
+            with distribute.chief_write_dir(folder, self.strategy) as write_dir:
+                save_model_atomic(self.model, os.path.join(write_dir, name))
+            if not distribute.is_chief(self.strategy):
+                return
             logger.info(
                 "Epoch %d: %s improved to %.4f, saved %s",
                 epoch + 1,

@@ -168,7 +168,8 @@ def benchmark_input(config: config_lib.TrainConfig, batches: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 done, 1 diverged, 2 bad arguments)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--list-recipes" in argv:
         print("\n".join(config_lib.available_recipes()))

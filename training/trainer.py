@@ -250,13 +250,14 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
         keras, os.path.join(output_dir, BACKUP_DIR), training.config.backup_freq
     )
     callbacks = [stop_on_nan, backup]
+    if training.val_ds is not None:  # on every worker: saving is a collective operation
+        best_path = os.path.join(output_dir, BEST_FILE)
+        callbacks.append(classes.BestCheckpoint(best_path, strategy=training.strategy))
     if chief:
         callbacks += [
             classes.MetricsLogger(output_dir),
             keras.callbacks.TensorBoard(os.path.join(output_dir, LOG_DIR)),
         ]
-        if training.val_ds is not None:
-            callbacks.append(classes.BestCheckpoint(os.path.join(output_dir, BEST_FILE)))
     return callbacks, stop_on_nan
 
 
