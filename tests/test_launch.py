@@ -59,6 +59,13 @@ def test_a_failing_worker_fails_the_job_and_stops_the_others():
     assert "a worker failed with exit code 3" in output.getvalue()
 
 
+def test_a_killed_worker_is_reported_as_128_plus_the_signal():
+    program = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    output = io.StringIO()
+    assert launch.launch([sys.executable, "-c", program], 2, output=output) == 128 + 9
+    assert "exit code -9" in output.getvalue()
+
+
 def test_parse_args_passes_everything_after_double_dash():
     args = launch.parse_args(
         ["--workers", "2", "--", "--strategy", "multi_worker", "--epochs", "1"]

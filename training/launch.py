@@ -84,8 +84,8 @@ def launch(
 ) -> int:
     """Runs ``program`` as ``num_workers`` workers of one cluster; returns the exit code.
 
-    Returns 0 when every worker exits with 0; otherwise the first non-zero exit code, after
-    terminating the workers still running.
+    Returns 0 when every worker exits with 0; otherwise the first non-zero exit code (128 + N
+    for a worker killed by signal N), after terminating the workers still running.
 
     Example:
         >>> launch([sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"], 2)
@@ -135,7 +135,8 @@ def launch(
     if status:
         with lock:
             output.write(f"[launch] a worker failed with exit code {status}; stopped the others\n")
-    return status
+    # A worker killed by signal N has returncode -N; report it as a shell does (128 + N).
+    return 128 - status if status < 0 else status
 
 
 def _stop(processes: Sequence[subprocess.Popen]) -> None:
