@@ -1,0 +1,397 @@
+"""Side-by-side benchmark of the TFLite formats of a ConvMixer: latency, size, accuracy.
+
+Usage::
+
+    # a trained CIFAR-10 model: all formats incl. QAT, accuracy on the held-out split
+    python -m export.benchmark --model model.keras --data-dir ../shared/data/cifar10/train \\
+        --qat-steps 200 --out-dir bench/
+    # latency and size only, of an untrained preset (latency does not depend on weights)
+    python -m export.benchmark --preset convmixer_256_8 --out-dir bench/
+    # large-kernel depthwise rewrite on the ImageNet variants (224x224, random weights)
+    python -m export.benchmark --imagenet-variants --threads 2 --out-dir bench/ \\
+        --torch-python /work/torchvenv/bin/python
+
+Latency is batch 1, the median over ``--repeats`` invocations after warm-up, with
+ai-edge-litert's default XNNPACK delegate at 1 and ``--threads`` threads. Reported ratios:
+int8/fp32 latency, and fp32 latency over the bound ``2 * MACs / peak`` where ``peak`` is numpy's
+float32 matmul GFLOP/s measured in the same run with the same thread count. The number of XNNPACK
+partitions is the number of DELEGATE nodes in the interpreter's execution plan (an op XNNPACK
+does not take, such as int8 GELU, splits the graph).
+
+Writes ``results.json``, ``results.md`` (the table) and ``results.png`` (accuracy vs latency and
+size) to ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+FLOAT_FORMATS = ("fp32", "fp16", "dynamic")
+
+_PEAK_CODE = """
+import sys, time, numpy as np
+n = 1024
+a = np.random.rand(n, n).astype(np.float32); b = np.random.rand(n, n).astype(np.float32)
+for _ in range(3): a @ b
+times = []
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter(); a @ b; times.append(time.perf_counter() - t)
+print(2 * n**3 / np.median(times) / 1e9)
+"""
+
+_TORCH_CODE = """
+import sys, time, torch
+from torch import nn
+dim, depth, k, p, size, threads, repeats = (int(v) for v in sys.argv[1:8])
+torch.set_num_threads(threads)
+class Residual(nn.Module):
+    def __init__(self, fn): super().__init__(); self.fn = fn
+    def forward(self, x): return self.fn(x) + x
+model = nn.Sequential(
+    nn.Conv2d(3, dim, p, stride=p), nn.GELU(), nn.BatchNorm2d(dim),
+    *[nn.Sequential(Residual(nn.Sequential(nn.Conv2d(dim, dim, k, groups=dim, padding="same"),
+      nn.GELU(), nn.BatchNorm2d(dim))), nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
+      for _ in range(depth)],
+    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, 1000)).eval()
+x = torch.rand(1, 3, size, size)
+times = []
+with torch.inference_mode():
+    for _ in range(3): model(x)
+    for _ in range(repeats):
+        t = time.perf_counter(); model(x); times.append(time.perf_counter() - t)
+times.sort(); print(1000 * times[len(times) // 2])
+"""
+
+
+def matmul_peak_gflops(threads: int, repeats: int = 10) -> float:
+    """numpy float32 1024^3 matmul GFLOP/s with ``threads`` BLAS threads (fresh process).
+
+    Example:
+        >>> # matmul_peak_gflops(2) -> e.g. 120.0 on a 2-core AVX2 CPU
+    """
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_CODE, str(repeats)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates of one image through a ConvMixer (convs, depthwise convs, head).
+
+    Example:
+        >>> import convmixer_tf
+        >>> count_macs(convmixer_tf.create_model("convmixer_256_8")) // 10**6
+        148
+    """
+    from export.rewrite import convmixer_arguments
+
+    args = convmixer_arguments(model)
+    height, width = args["input_shape"][:2]
+    dim, k, p = args["dim"], args["kernel_size"], args["patch_size"]
+    tokens = (height // p) * (width // p)
+    stem = tokens * p * p * 3 * dim
+    block = tokens * (k * k * dim + dim * dim)
+    head = dim * args.get("num_classes", 0) if args["include_top"] else 0
+    return stem + args["depth"] * block + head
+
+
+def latency_ms(blob: bytes, threads: int, repeats: int = 50, warmup: int = 5) -> float:
+    """Median batch-1 latency (ms) of a .tflite in ai-edge-litert with XNNPACK."""
+    from export.evaluate import TFLiteClassifier
+
+    classifier = TFLiteClassifier(blob, num_threads=threads)
+    shape = tuple(int(d) for d in classifier.input["shape"])
+    batch = classifier.quantize_input(np.random.default_rng(0).uniform(0, 255, shape))
+    for _ in range(warmup):
+        classifier.invoke(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classifier.invoke(batch)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def xnnpack_partitions(blob: bytes, threads: int = 1) -> int:
+    """How many XNNPACK partitions (DELEGATE nodes) the interpreter's plan has."""
+    from export.evaluate import TFLiteClassifier
+
+    classifier = TFLiteClassifier(blob, num_threads=threads)
+    ops = classifier.interpreter._get_ops_details()  # noqa: SLF001 (no public op listing)
+    return sum(op["op_name"] == "DELEGATE" for op in ops)
+
+
+def torch_eager_ms(python: str, arch: dict, size: int, threads: int, repeats: int) -> float | None:
+    """PyTorch eager batch-1 latency of the same architecture (random weights), or None."""
+    if not python or not os.path.exists(python):
+        return None
+    argv = [arch["dim"], arch["depth"], arch["kernel_size"], arch["patch_size"], size, threads,
+            repeats]  # fmt: skip
+    out = subprocess.run(
+        [python, "-c", _TORCH_CODE, *map(str, argv)], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _load_split(args, image_size, split, limit, shuffle=False, batch_size=64):
+    from training.data import load_dataset
+
+    return load_dataset(
+        data_dir=args.data_dir, dataset=args.dataset, split=split, image_size=image_size,
+        batch_size=batch_size, shuffle=shuffle, limit_per_class=limit, seed=0,
+    )  # fmt: skip
+
+
+def benchmark_formats(model, args) -> dict:
+    """Converts ``model`` to every format and measures each (see the module docstring)."""
+    from export import quantize, rewrite, tflite
+    from export.__main__ import calibration_images
+    from export.evaluate import evaluate
+
+    arch = rewrite.convmixer_arguments(model)
+    image_size = tuple(int(d) for d in arch["input_shape"][:2])
+    have_data = bool(args.data_dir or args.dataset)
+    calibration = val = None
+    if have_data:
+        train_ds, _ = _load_split(args, image_size, "train", None, shuffle=True)
+        calibration = calibration_images(train_ds, args.calibration_images)
+        val_ds, _ = _load_split(args, image_size, "validation", args.val_per_class)
+        val = list(val_ds.as_numpy_iterator())
+    else:
+        calibration = np.random.default_rng(0).uniform(0, 255, (32, *image_size, 3))
+
+    formats = list(FLOAT_FORMATS) + ["int8"]
+    qat_model = None
+    if have_data and args.qat_steps:
+        start = time.perf_counter()
+        qat_model = quantize.quantize_model(model)
+        train_ds, _ = _load_split(args, image_size, "train", None, shuffle=True,
+                                  batch_size=args.qat_batch_size)  # fmt: skip
+        fit = quantize.finetune(
+            qat_model, train_ds, steps=args.qat_steps, learning_rate=args.qat_lr
+        )
+        print(f"QAT: {args.qat_steps} steps in {time.perf_counter() - start:.0f} s: {fit}")
+        formats.append("qat")
+
+    peak = {t: matmul_peak_gflops(t) for t in (1, args.threads)}
+    macs = count_macs(model)
+    rows = []
+    for fmt in formats:
+        start = time.perf_counter()
+        source = quantize.rebatch_qat_model(qat_model) if fmt == "qat" else model
+        blob = tflite.convert(source, fmt, calibration_images=calibration)
+        row = {"format": fmt, "bytes": len(blob), "convert_s": time.perf_counter() - start,
+               "partitions": xnnpack_partitions(blob)}  # fmt: skip
+        if fmt in tflite.INTEGER_FORMATS:
+            row["fully_integer"] = not tflite.integer_problems(blob)
+        for threads in (1, args.threads):
+            row[f"latency_ms_{threads}t"] = latency_ms(blob, threads, repeats=args.repeats)
+        if val is not None:
+            reference = qat_model if fmt == "qat" else model
+            result = evaluate(blob, val, keras_model=reference, num_threads=args.threads)
+            row.update(top1=result["top1"], n=result["n"], agreement=result["agreement"],
+                       reference_top1=result["keras_top1"])  # fmt: skip
+        print(json.dumps(row))
+        rows.append(row)
+    fp32 = rows[0]
+    for row in rows:
+        for threads in (1, args.threads):
+            key = f"latency_ms_{threads}t"
+            row[f"vs_fp32_{threads}t"] = row[key] / fp32[key]
+    bound = {t: 2 * macs / (peak[t] * 1e9) * 1e3 for t in peak}
+    summary = {
+        "model": arch,
+        "macs": macs,
+        "matmul_peak_gflops": peak,
+        "fp32_bound_ms": bound,
+        "fp32_over_bound": {t: fp32[f"latency_ms_{t}t"] / bound[t] for t in peak},
+        "float_top1": rows[0].get("reference_top1"),
+        "rows": rows,
+    }
+    return summary
+
+
+def write_table(summary: dict, path: str, machine: str) -> str:
+    """The Markdown table of a :func:`benchmark_formats` result."""
+    from export.tflite import write_atomic
+
+    threads = sorted(summary["matmul_peak_gflops"])
+    many = threads[-1]
+    lines = [
+        f"Machine: {machine}. Batch 1, median latency, ai-edge-litert + XNNPACK.",
+        "",
+        "| format | size (KiB) | size / fp32 | latency 1t (ms) "
+        f"| latency {many}t (ms) | / fp32 ({many}t) | XNNPACK partitions | top-1 (%) "
+        "| agreement with Keras (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp32_bytes = summary["rows"][0]["bytes"]
+    for row in summary["rows"]:
+        top1 = f"{row['top1']:.2f}" if "top1" in row else "-"
+        agree = f"{row['agreement']:.2f}" if "agreement" in row else "-"
+        lines.append(
+            f"| {row['format']} | {row['bytes'] / 1024:.0f} | {row['bytes'] / fp32_bytes:.2f} "
+            f"| {row['latency_ms_1t']:.2f} | {row[f'latency_ms_{many}t']:.2f} "
+            f"| {row[f'vs_fp32_{many}t']:.2f} | {row['partitions']} | {top1} | {agree} |"
+        )
+    lines += [
+        "",
+        f"MACs: {summary['macs'] / 1e6:.1f} M. numpy float32 matmul peak: "
+        + ", ".join(f"{summary['matmul_peak_gflops'][t]:.1f} GFLOP/s at {t}t" for t in threads)
+        + ". fp32 latency / (2 MACs / peak): "
+        + ", ".join(f"{summary['fp32_over_bound'][t]:.2f}x at {t}t" for t in threads)
+        + ".",
+    ]
+    if summary.get("float_top1") is not None:
+        lines.append(f"Float Keras model top-1: {summary['float_top1']:.2f}%.")
+    text = "\n".join(lines) + "\n"
+    write_atomic(path, text)
+    return text
+
+
+def plot(summary: dict, path: str) -> None:
+    """Accuracy vs latency and vs size, one point per format (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    many = sorted(summary["matmul_peak_gflops"])[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    has_accuracy = all("top1" in row for row in rows)
+    for row in rows:
+        y = row["top1"] if has_accuracy else 0.0
+        axes[0].scatter(row[f"latency_ms_{many}t"], y)
+        axes[0].annotate(row["format"], (row[f"latency_ms_{many}t"], y))
+        axes[1].scatter(row["bytes"] / 1024, y)
+        axes[1].annotate(row["format"], (row["bytes"] / 1024, y))
+    axes[0].set_xlabel(f"latency, batch 1, {many} threads (ms)")
+    axes[1].set_xlabel("file size (KiB)")
+    for ax in axes:
+        ax.set_ylabel("top-1 (%)" if has_accuracy else "(no accuracy: untrained)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def benchmark_imagenet_variants(args) -> list[dict]:
+    """fp32 latency of ConvMixer-1024/20 at 224 with kernel 9 and 7: plain vs tiled depthwise."""
+    import convmixer_tf
+    from export import rewrite, tflite
+    from export.evaluate import TFLiteClassifier
+
+    rows = []
+    for kernel in args.kernels:
+        model = convmixer_tf.create_model(args.imagenet_preset, kernel_size=kernel)
+        reference = None
+        arch = rewrite.convmixer_arguments(model)
+        size = int(arch["input_shape"][0])
+        probe = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
+        for tile in (None, 5, 3):
+            blob = tflite.convert(model, "fp32", depthwise_tile=tile)
+            out = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
+            if reference is None:
+                reference = out
+            row = {
+                "model": args.imagenet_preset, "kernel": kernel,
+                "depthwise": "plain" if tile is None else f"{tile}x{tile} tiles",
+                "latency_ms": latency_ms(blob, args.threads, repeats=args.repeats, warmup=2),
+                "max_abs_diff_vs_plain": float(np.abs(out - reference).max()),
+                "partitions": xnnpack_partitions(blob),
+            }  # fmt: skip
+            print(json.dumps(row))
+            rows.append(row)
+        torch_ms = torch_eager_ms(args.torch_python, arch, size, args.threads, args.repeats)
+        if torch_ms is not None:
+            row = {"model": args.imagenet_preset, "kernel": kernel, "depthwise": "PyTorch eager",
+                   "latency_ms": torch_ms}  # fmt: skip
+            print(json.dumps(row))
+            rows.append(row)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a trained .keras ConvMixer")
+    what.add_argument("--preset", help="an untrained preset, e.g. convmixer_256_8")
+    what.add_argument("--imagenet-variants", action="store_true")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data-dir")
+    source.add_argument("--dataset")
+    parser.add_argument("--val-per-class", type=int, default=None,
+                        help="held-out images per class for accuracy (default: all)")  # fmt: skip
+    parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--qat-steps", type=int, default=0)
+    parser.add_argument("--qat-lr", type=float, default=1e-5)
+    parser.add_argument("--qat-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--imagenet-preset", default="convmixer_1024_20")
+    parser.add_argument("--kernels", type=int, nargs="+", default=[9, 7])
+    parser.add_argument(
+        "--torch-python", default=None, help="python of a venv with torch (PyTorch eager timing)"
+    )
+    parser.add_argument("--machine", default="2-core x86 CPU, AVX2, no VNNI")
+    parser.add_argument("--out-dir", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    from export import tflite
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.imagenet_variants:
+        rows = benchmark_imagenet_variants(args)
+        lines = [f"Machine: {args.machine}. fp32, batch 1, {args.threads} threads, median.", "",
+                 "| model | kernel | depthwise | latency (ms) | max abs diff vs plain |",
+                 "|---|---|---|---|---|"]  # fmt: skip
+        for row in rows:
+            diff = row.get("max_abs_diff_vs_plain")
+            lines.append(
+                f"| {row['model']} | {row['kernel']} | {row['depthwise']} "
+                f"| {row['latency_ms']:.1f} | {'-' if diff is None else f'{diff:.1e}'} |"
+            )
+        tflite.write_atomic(os.path.join(args.out_dir, "imagenet_variants.md"), "\n".join(lines))
+        tflite.write_atomic(
+            os.path.join(args.out_dir, "imagenet_variants.json"), json.dumps(rows, indent=1)
+        )
+        print("\n".join(lines))
+        return {"rows": rows}
+
+    if args.model:
+        from export.evaluate import load_keras_model
+
+        model = load_keras_model(args.model)
+    else:
+        import convmixer_tf
+
+        model = convmixer_tf.create_model(args.preset)
+    summary = benchmark_formats(model, args)
+    tflite.write_atomic(
+        os.path.join(args.out_dir, "results.json"), json.dumps(summary, indent=1, default=str)
+    )
+    print(write_table(summary, os.path.join(args.out_dir, "results.md"), args.machine))
+    plot(summary, os.path.join(args.out_dir, "results.png"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
