@@ -185,6 +185,14 @@ def test_tfds_dataset_by_name_with_data_dir(tmp_path):
     )
     labels = next(iter(limited))[1].numpy()
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    sliced, _ = data.load_dataset(
+        dataset="tiny_shapes",
+        tfds_data_dir=str(tmp_path),
+        split="train[:50%]+test",
+        image_size=8,
+        batch_size=100,
+    )
+    assert int(next(iter(sliced))[0].shape[0]) == 6 + 6
     with pytest.raises(ValueError, match="no split"):
         data.load_dataset(
             dataset="tiny_shapes",

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import tempfile
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -231,6 +232,7 @@ def callback_classes(keras):
             if self.model.optimizer is not None and not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
             self.model.load_weights(weights)
+            # What Keras 3's own BackupAndRestore sets: fit() starts from this epoch.
             self.model._initial_epoch = state["epoch"]
             logger.warning(
                 "Resuming from the backup of epoch %d in %s", state["epoch"], self.backup_dir
@@ -248,19 +250,12 @@ def callback_classes(keras):
                 if old.endswith(".weights.h5") and old != name:
                     os.remove(os.path.join(self.backup_dir, old))
 
-    return _Namespace(
+    return types.SimpleNamespace(
         MetricsLogger=MetricsLogger,
         BestCheckpoint=BestCheckpoint,
         StopOnNaN=StopOnNaN,
         AtomicBackupAndRestore=AtomicBackupAndRestore,
     )
-
-
-class _Namespace:
-    """A read-only bag of classes."""
-
-    def __init__(self, **classes):
-        self.__dict__.update(classes)
 
 
 def save_model_atomic(model, path: str) -> None:

@@ -317,7 +317,8 @@ def decoded_dataset(
         raise ValueError(f"Unknown TFDS dataset {dataset!r}: {e}") from e
     builder.download_and_prepare()
     tfds_split = _tfds_split(builder, split)
-    if tfds_split not in builder.info.splits:
+    # Plain names are checked here; slices and sums ("train[:90%]", "train+test") go to TFDS.
+    if tfds_split.isidentifier() and tfds_split not in builder.info.splits:
         raise ValueError(
             f"TFDS dataset {dataset!r} has no split {split!r}. "
             f"Valid splits: {sorted(builder.info.splits.keys())}"
