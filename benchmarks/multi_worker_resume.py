@@ -1,0 +1,84 @@
+"""Manual check (about 2 minutes): a 2-worker job survives ``kill -9`` of one worker.
+
+Starts ``python -m training.launch --workers 2`` on a tiny tf_keras model (backup every 2
+batches), kills worker 1 with SIGKILL at epoch 2 batch 4, checks that the launcher fails, then
+reruns the same command and prints where each worker resumed and what the chief wrote.
+Linux only (reads /proc to find the worker's process id).
+
+Example::
+
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/multi_worker_resume.py
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILL_AT = "[worker 1] BATCH 1 3"  # 0-based epoch 1, batch 3
+
+
+def child_pids(parent: int) -> list[int]:
+    """Process ids whose parent is ``parent`` (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(entry))
+    return pids
+
+
+def main() -> int:
+    output_dir = os.path.join(tempfile.mkdtemp(prefix="mw_resume_"), "run")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    train_args = [
+        "--data-dir", os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "train"),
+        "--limit-per-class", "4", "--image-size", "16", "--dim", "16", "--depth", "1",
+        "--kernel-size", "3", "--patch-size", "4", "--batch-size", "8", "--randaugment-ops", "0",
+        "--no-hflip", "--scale", "1,1", "--val-split", "", "--verbose", "0",
+        "--output-dir", output_dir, "--strategy", "multi_worker", "--epochs", "2",
+        "--steps-per-epoch", "6", "--backup-freq", "2",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "training.launch", "--workers", "2", "--module", "train_worker",
+        "--", "--batch-delay", "0.3", *train_args,
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    for line in first.stdout:
+        if line.startswith(KILL_AT):
+            for pid in child_pids(first.pid):
+                with open(f"/proc/{pid}/environ") as f:
+                    if '"index": 1' in f.read():
+                        print(f"kill -9 worker 1 (pid {pid})")
+                        os.kill(pid, signal.SIGKILL)
+        elif line.startswith("[launch]"):
+            print(line.strip())
+    print("first run exit code:", first.wait())
+
+    second = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    batches = [line for line in second.stdout.splitlines() if "BATCH" in line]
+    print("second run, first batches:", batches[:2])
+    print("second run exit code:", second.returncode)
+    print("chief wrote:", sorted(os.listdir(output_dir)))
+    return second.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
