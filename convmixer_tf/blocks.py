@@ -22,11 +22,121 @@ BN_MOMENTUM = 0.9
 
 
 def batch_norm(keras, name: str, synchronized: bool = False):
-    """A BatchNorm layer with PyTorch's epsilon and momentum."""
-    kwargs = {"synchronized": True} if synchronized else {}
-    return keras.layers.BatchNormalization(
-        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, **kwargs
-    )
+    """A BatchNorm layer with PyTorch's epsilon and momentum.
+
+    Keras 3 models get :func:`batch_norm_layer_class`'s subclass (fused training pass), unless
+    ``synchronized``; tf_keras models keep ``BatchNormalization`` (already a fused kernel there,
+    and tensorflow-model-optimization keys its quantization policy on that class).
+    """
+    if synchronized:
+        return keras.layers.BatchNormalization(
+            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, synchronized=True
+        )
+    layer_class = keras.layers.BatchNormalization
+    if keras.__name__ == "keras":
+        layer_class = batch_norm_layer_class(keras)
+    return layer_class(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
+
+
+def _reduction_axes(x: tf.Tensor) -> list[int]:
+    return list(range(len(x.shape) - 1))
+
+
+@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+def _batch_norm_forward(x, gamma, beta, epsilon):
+    axes = _reduction_axes(x)
+    mean = tf.reduce_mean(x, axes)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes)
+    return (x - mean) * (tf.math.rsqrt(variance + epsilon) * gamma) + beta, mean, variance
+
+
+@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+def _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream):
+    axes = _reduction_axes(x)
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    x_hat = (x - mean) * inv_std
+    d_beta = tf.reduce_sum(upstream, axes)
+    d_gamma = tf.reduce_sum(upstream * x_hat, axes)
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+    d_x = (gamma * inv_std / count) * (count * upstream - d_beta - x_hat * d_gamma)
+    return d_x, d_gamma, d_beta
+
+
+def batch_norm_train_fused(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
+    """Training-mode BatchNorm over all axes but the last: ``(y, batch mean, batch variance)``.
+
+    ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta`` with the batch's (biased)
+    statistics, as ``keras.layers.BatchNormalization(...)(x, training=True)`` computes it. The
+    forward and the backward pass (the closed-form BatchNorm gradient) are each one XLA
+    computation: two to three passes over ``x`` instead of the dozen TensorFlow kernels of
+    ``tf.nn.moments`` + ``tf.nn.batch_normalization`` and their gradients. The returned
+    statistics are for the moving averages; no gradient flows through them.
+
+    Example:
+        >>> x = tf.random.normal((8, 4, 4, 3))
+        >>> y, mean, variance = batch_norm_train_fused(x, tf.ones(3), tf.zeros(3), 1e-5)
+        >>> bool(tf.reduce_max(tf.abs(tf.reduce_mean(y, [0, 1, 2]))) < 1e-5)
+        True
+    """
+    epsilon = tf.constant(epsilon, x.dtype)
+
+    @tf.custom_gradient
+    def fused(x, gamma, beta):
+        y, mean, variance = _batch_norm_forward(x, gamma, beta, epsilon)
+
+        def grad(upstream, _upstream_mean, _upstream_variance):
+            return _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream)
+
+        return (y, tf.stop_gradient(mean), tf.stop_gradient(variance)), grad
+
+    return fused(x, gamma, beta)
+
+
+@functools.cache
+def batch_norm_layer_class(keras):
+    """Keras 3's ``BatchNormalization`` whose training pass runs :func:`batch_norm_train_fused`.
+
+    Same config, weights, moving-average update and inference as the parent class; other
+    settings (masks, renorm, synchronized, axis not last, no scale or center) use the parent's
+    ``call``. Registered as ``"convmixer_tf>FusedBatchNormalization"``.
+
+    Example:
+        >>> import keras
+        >>> layer = batch_norm_layer_class(keras)(epsilon=1e-5, momentum=0.9)
+        >>> isinstance(layer, keras.layers.BatchNormalization)
+        True
+    """
+
+    @keras.saving.register_keras_serializable(package="convmixer_tf")
+    class FusedBatchNormalization(keras.layers.BatchNormalization):
+        """BatchNormalization with a fused (XLA) training pass."""
+
+        def call(self, inputs, training=None, mask=None):
+            fusable = (
+                training is True
+                and self.trainable
+                and mask is None
+                and self.scale
+                and self.center
+                and not self.renorm
+                and not self.synchronized
+                and self.axis in (-1, len(inputs.shape) - 1)
+            )
+            if not fusable:
+                return super().call(inputs, training=training, mask=mask)
+            # float32 statistics under mixed precision, as the parent class computes them.
+            x = tf.cast(inputs, tf.float32)
+            gamma = tf.cast(self.gamma, tf.float32)
+            beta = tf.cast(self.beta, tf.float32)
+            y, mean, variance = batch_norm_train_fused(x, gamma, beta, self.epsilon)
+            momentum = self.momentum
+            self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+            self.moving_variance.assign(
+                self.moving_variance * momentum + variance * (1.0 - momentum)
+            )
+            return tf.cast(y, self.compute_dtype)
+
+    return FusedBatchNormalization
 
 
 # Exact GELU: gelu(x) = x * Phi(x), Phi(x) = erfc(-x / sqrt(2)) / 2 (the standard normal CDF),
@@ -147,6 +257,8 @@ def apply_block(
     return batch_norm(keras, f"{prefix}_pwconv_bn", synchronized_bn)(x)
 
 
-# Register the Keras 3 GELU layer at import: a saved .keras file then loads in a fresh process
+# Register the Keras 3 layers at import: a saved .keras file then loads in a fresh process
 # after `import convmixer_tf`.
-gelu_layer_class(importlib.import_module("keras"))
+_keras3 = importlib.import_module("keras")
+gelu_layer_class(_keras3)
+batch_norm_layer_class(_keras3)

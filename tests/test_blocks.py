@@ -1,5 +1,5 @@
-"""The blocks' fused-gradient exact GELU: values and gradients equal keras' gelu, the layer's
-config, serialization (safe_mode) and the Keras 3 / tf_keras builds' outputs."""
+"""The blocks' fused training passes (exact GELU, BatchNorm): values and gradients equal Keras'
+layers', the layers' configs, serialization (safe_mode) and the Keras 3 / tf_keras builds."""
 
 import keras
 import numpy as np
@@ -88,15 +88,21 @@ def test_gelu_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
 
 
 def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
-    """A training step's gradients with the fused GELU equal those of Activation("gelu")."""
+    """A training step's gradients with the fused GELU and BatchNorm equal Keras' layers'."""
     fused = convmixer_tf.ConvMixer(**tiny_kwargs)
     monkeypatch.setattr(
         blocks,
         "activation_layer",
         lambda keras, activation, name: keras.layers.Activation(activation, name=name),
     )
+    monkeypatch.setattr(
+        blocks,
+        "batch_norm_layer_class",
+        lambda keras: keras.layers.BatchNormalization,
+    )
     plain = convmixer_tf.ConvMixer(**tiny_kwargs)
     assert type(plain.get_layer("stem_act")) is keras.layers.Activation
+    assert type(plain.get_layer("stem_bn")) is keras.layers.BatchNormalization
     plain.set_weights(fused.get_weights())
     x = tf.constant(np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
 
@@ -109,3 +115,38 @@ def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
     scale = max(float(tf.reduce_max(tf.abs(g))) for g in plain_grads)
     for g_fused, g_plain in zip(fused_grads, plain_grads, strict=True):
         np.testing.assert_allclose(g_fused / scale, g_plain / scale, rtol=0, atol=1e-5)
+
+
+def test_fused_batch_norm_equals_keras_batch_norm_in_training():
+    x = tf.random.stateless_normal((4, 5, 5, 8), seed=(3, 4)) * 3 + 1
+    rng = np.random.default_rng(0)
+    weights = [rng.uniform(0.5, 1.5, 8).astype("float32") for _ in range(4)]
+    fused = blocks.batch_norm_layer_class(keras)(epsilon=1e-5, momentum=0.9)
+    plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    upstream = tf.sin(x)
+    results = []
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.set_weights(weights)  # gamma, beta, moving mean, moving variance
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        grads = tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=upstream)
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance])
+    names = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+    for name, a, b in zip(names, *results, strict=True):
+        scale = float(tf.reduce_max(tf.abs(b)))
+        np.testing.assert_allclose(
+            np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-6, err_msg=name
+        )
+    # inference uses the moving statistics (equal up to rounding, above), as the parent class
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-6)
+
+
+def test_models_use_fused_batch_norm_for_keras3_unless_synchronized(tiny_kwargs):
+    model = convmixer_tf.ConvMixer(**tiny_kwargs)
+    assert type(model.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
+    synced = convmixer_tf.ConvMixer(**tiny_kwargs, synchronized_bn=True)
+    assert type(synced.get_layer("stem_bn")) is keras.layers.BatchNormalization
+    k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")
+    assert type(k2.get_layer("stem_bn")) is tf_keras.layers.BatchNormalization
