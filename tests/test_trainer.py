@@ -235,3 +235,26 @@ def test_kill_9_then_rerun_resumes(cifar10_train_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, killed_at + 2))
     assert (out / "model.keras").exists()
+
+    # A fresh process evaluates the saved model (its custom layers must deserialize).
+    evaluation = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.evaluate",
+            "--model",
+            str(out / "best.keras"),
+            "--data-dir",
+            str(cifar10_train_dir),
+            "--limit-per-class",
+            "2",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    result = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert result["n"] == 20 and set(result) >= {"top1", "top5", "per_class"}

@@ -91,6 +91,8 @@ def load_model(path: str):
         raise ValueError(f"Model file not found: {path!r}")
     import keras
 
+    import convmixer_tf  # noqa: F401 (registers the model's custom layers for deserialization)
+
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as keras3_error:  # noqa: BLE001 (try the other Keras next)

@@ -249,7 +249,9 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
     backup = _backup_callback(
         keras, os.path.join(output_dir, BACKUP_DIR), training.config.backup_freq
     )
-    callbacks = [stop_on_nan, backup]
+    # Order matters for a kill at any moment: the epoch's metrics and best checkpoint are
+    # written before its backup, so a resumed run never lacks an epoch it will not redo.
+    callbacks = [stop_on_nan]
     if training.val_ds is not None:  # on every worker: saving is a collective operation
         best_path = os.path.join(output_dir, BEST_FILE)
         callbacks.append(classes.BestCheckpoint(best_path, strategy=training.strategy))
@@ -258,6 +260,7 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
             classes.MetricsLogger(output_dir),
             keras.callbacks.TensorBoard(os.path.join(output_dir, LOG_DIR)),
         ]
+    callbacks.append(backup)
     return callbacks, stop_on_nan
 
 
