@@ -63,13 +63,16 @@ def test_gelu_layer_training_and_inference_equal_activation_gelu():
         blocks.gelu_layer_class(keras)(activation="relu")
 
 
-def test_models_use_fused_gelu_for_keras3_only(tiny_kwargs):
+def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
     k3 = convmixer_tf.ConvMixer(**tiny_kwargs)
     k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")
-    relu = convmixer_tf.ConvMixer(**tiny_kwargs, activation="relu")
+    relu_synced = convmixer_tf.ConvMixer(**tiny_kwargs, activation="relu", synchronized_bn=True)
     assert type(k3.get_layer("blocks_1_pwconv_act")).__name__ == "GELU"
+    assert type(k3.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
     assert type(k2.get_layer("blocks_1_pwconv_act")) is tf_keras.layers.Activation
-    assert type(relu.get_layer("stem_act")) is keras.layers.Activation
+    assert type(k2.get_layer("stem_bn")) is tf_keras.layers.BatchNormalization
+    assert type(relu_synced.get_layer("stem_act")) is keras.layers.Activation
+    assert type(relu_synced.get_layer("stem_bn")) is keras.layers.BatchNormalization
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     k2.set_weights(k3.get_weights())
     np.testing.assert_allclose(k3(x, training=False), k2(x, training=False), atol=1e-5)
@@ -77,12 +80,13 @@ def test_models_use_fused_gelu_for_keras3_only(tiny_kwargs):
     np.testing.assert_allclose(k3(x, training=True), k2(x, training=True), atol=1e-4)
 
 
-def test_gelu_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
+def test_fused_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
     model = convmixer_tf.ConvMixer(**tiny_kwargs)
     path = tmp_path / "gelu.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert type(loaded.get_layer("stem_act")).__name__ == "GELU"
+    assert type(loaded.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
 
@@ -141,12 +145,3 @@ def test_fused_batch_norm_equals_keras_batch_norm_in_training():
         )
     # inference uses the moving statistics (equal up to rounding, above), as the parent class
     np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-6)
-
-
-def test_models_use_fused_batch_norm_for_keras3_unless_synchronized(tiny_kwargs):
-    model = convmixer_tf.ConvMixer(**tiny_kwargs)
-    assert type(model.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
-    synced = convmixer_tf.ConvMixer(**tiny_kwargs, synchronized_bn=True)
-    assert type(synced.get_layer("stem_bn")) is keras.layers.BatchNormalization
-    k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")
-    assert type(k2.get_layer("stem_bn")) is tf_keras.layers.BatchNormalization
