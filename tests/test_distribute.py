@@ -74,6 +74,11 @@ def test_cpu_replicas_after_device_init_fails_clearly():
         distribute.configure_cpu_replicas(already + 1)
 
 
+def test_cpu_replicas_with_multi_worker_is_rejected(no_cluster_env):
+    with pytest.raises(ValueError, match="strategy='multi_worker', cpu_replicas=2"):
+        distribute.make_strategy({"strategy": "multi_worker", "cpu_replicas": 2})
+
+
 def test_cpu_replicas_must_be_positive():
     with pytest.raises(ValueError, match="cpu_replicas=0"):
         distribute.configure_cpu_replicas(0)

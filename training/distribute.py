@@ -175,14 +175,14 @@ def make_strategy(config_or_args: Any) -> tf.distribute.Strategy:
     cpu_replicas = _field(config_or_args, "cpu_replicas", 0) or 0
     tpu = _field(config_or_args, "tpu", None)
     name = resolve_strategy_name(name, tpu, cpu_replicas=cpu_replicas)
+    if cpu_replicas and name not in ("mirrored", "default"):
+        raise ValueError(
+            "`cpu_replicas` applies to the 'mirrored' strategy (and 'default', which trains on "
+            f"the first of them). Received: strategy={name!r}, cpu_replicas={cpu_replicas}"
+        )
     devices = None
     if cpu_replicas:
         devices = [d.name for d in configure_cpu_replicas(cpu_replicas)]
-        if name not in ("mirrored", "default"):
-            raise ValueError(
-                f"`cpu_replicas` applies to the 'mirrored' strategy only. "
-                f"Received: strategy={name!r}, cpu_replicas={cpu_replicas}"
-            )
 
     if name == "default":
         strategy = tf.distribute.get_strategy()
