@@ -1,0 +1,102 @@
+"""Check: do 2 workers read disjoint shards of an image folder in one epoch? (about 1 minute)
+
+Launches 2 local workers (MultiWorkerMirroredStrategy); each builds the real training pipeline
+(training.augment, augmentation off so an image's pixels identify it) with the DATA shard policy
+and hashes every image it gets during one epoch. Prints per worker how many it saw and how many
+both saw. ``--force-deterministic`` makes every parallel ``Dataset.map`` keep its input order
+(what the DATA policy needs: each worker keeps every N-th element of the same stream).
+
+Example::
+
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/shard_overlap.py
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/shard_overlap.py --force-deterministic
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+
+def worker(force_deterministic: bool, limit_per_class: int) -> None:
+    """One worker: prints ``SEEN <json list of image hashes>`` for one epoch."""
+    from training import distribute
+
+    strategy = distribute.make_strategy({"strategy": "multi_worker"})
+    import tensorflow as tf
+
+    if force_deterministic:
+        plain_map = tf.data.Dataset.map
+
+        def ordered_map(self, *args, **kwargs):
+            kwargs.pop("deterministic", None)  # fall back to Options.deterministic (True)
+            return plain_map(self, *args, **kwargs)
+
+        tf.data.Dataset.map = ordered_map
+
+    from training import augment
+    from training.config import TrainConfig
+
+    config = TrainConfig(
+        data_dir=os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "train"),
+        limit_per_class=limit_per_class, image_size=16, batch_size=20, randaugment_ops=0,
+        hflip=False, scale=(1.0, 1.0), val_split="",
+    )  # fmt: skip
+    train_data = augment.make_train_dataset(config)
+    policy = distribute.resolve_shard_policy("auto", image_folder=True)
+    dataset = distribute.with_shard_policy(train_data.dataset, policy)
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    seen = []
+    for _ in range(train_data.steps_per_epoch):
+        images, _ = next(batches)
+        for local in strategy.experimental_local_results(images):
+            seen += [hashlib.md5(image.tobytes()).hexdigest() for image in local.numpy()]
+    print("SEEN " + json.dumps(seen), flush=True)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force-deterministic", action="store_true")
+    parser.add_argument("--limit-per-class", type=int, default=20)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.force_deterministic, args.limit_per_class)
+        return {}
+
+    from training import launch
+
+    program = [sys.executable, os.path.abspath(__file__), "--worker"]
+    program += ["--limit-per-class", str(args.limit_per_class)]
+    if args.force_deterministic:
+        program.append("--force-deterministic")
+    output = io.StringIO()
+    status = launch.launch(program, 2, output=output)
+    if status:
+        raise SystemExit(output.getvalue()[-3000:])
+    seen = {}
+    for line in output.getvalue().splitlines():
+        prefix, _, text = line.partition("] ")
+        if text.startswith("SEEN "):
+            seen[prefix + "]"] = json.loads(text.removeprefix("SEEN "))
+    first, second = (set(seen[key]) for key in sorted(seen))
+    result = {
+        "force_deterministic": args.force_deterministic,
+        "images_in_split": 10 * args.limit_per_class,
+        "seen_per_worker": [len(seen[key]) for key in sorted(seen)],
+        "seen_by_both": len(first & second),
+        "seen_by_neither": 10 * args.limit_per_class - len(first | second),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
