@@ -111,3 +111,13 @@ def test_augmentations_differ_between_batches_inside_tf_data():
     )
     outputs = [x.numpy() for x, _ in ds]
     assert not np.allclose(outputs[0], outputs[1]) and not np.allclose(outputs[1], outputs[2])
+
+
+def test_random_erasing_probability_is_fixed_not_drawn():
+    # random_erasing=1.0 must erase every image (Keras draws the probability from [0, p] when
+    # given one float; the augmenter passes (p, p)).
+    augmenter = augment.BatchAugmenter(TrainConfig(**dict(OFF, random_erasing=1.0)))
+    images = tf.fill((16, 16, 16, 3), 100.0)
+    out, _ = augmenter(images, tf.one_hot(tf.zeros(16, tf.int32), 2))
+    changed = np.any(out.numpy() != 100.0, axis=(1, 2, 3))
+    assert changed.all()

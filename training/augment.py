@@ -112,7 +112,8 @@ class BatchAugmenter:
         if config.random_erasing > 0:
             self.layers.append(
                 keras.layers.RandomErasing(
-                    factor=config.random_erasing,
+                    # A pair fixes the probability; one float would draw it from [0, p] per image.
+                    factor=(config.random_erasing, config.random_erasing),
                     scale=ERASING_SCALE,
                     value_range=(0, 255),
                     seed=seed,
@@ -122,7 +123,10 @@ class BatchAugmenter:
             keras.layers.MixUp(config.mixup_alpha, seed=seed) if config.mixup_alpha else None
         )
         self.cutmix = (
-            keras.layers.CutMix(config.cutmix_alpha, seed=seed) if config.cutmix_alpha else None
+            # A pair fixes Beta(alpha, alpha); one float would draw alpha from [0, alpha].
+            keras.layers.CutMix((config.cutmix_alpha, config.cutmix_alpha), seed=seed)
+            if config.cutmix_alpha
+            else None
         )
 
     def __call__(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
