@@ -121,3 +121,15 @@ def test_random_erasing_probability_is_fixed_not_drawn():
     out, _ = augmenter(images, tf.one_hot(tf.zeros(16, tf.int32), 2))
     changed = np.any(out.numpy() != 100.0, axis=(1, 2, 3))
     assert changed.all()
+
+
+def test_rand_augment_uses_torchvision_geometric_ranges():
+    layer = augment.rand_augment(2, 12, 30, seed=0)  # the CIFAR-10 recipe's m12 of 30
+    np.testing.assert_allclose(layer.random_rotation.factor, (-12 / 360, 12 / 360))
+    np.testing.assert_allclose(
+        layer.random_translation.width_factor, (-0.4 * 150 / 331, 0.4 * 150 / 331)
+    )
+    np.testing.assert_allclose(layer.random_shear.y_factor, (0.0, 0.12))
+    images = tf.random.uniform((4, 16, 16, 3), maxval=255, seed=2)
+    out = layer(images, training=True)
+    assert out.shape == images.shape and not np.allclose(out.numpy(), images.numpy())

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 # timm's RandomErasing area range (fraction of the image).
 ERASING_SCALE = (0.02, 1.0 / 3.0)
+# torchvision's RandAugment ranges at its top magnitude (31 bins: magnitude 30).
+TORCHVISION_MAX_ROTATION_DEGREES = 30.0
+TORCHVISION_MAX_TRANSLATION = 150.0 / 331.0
+TORCHVISION_MAX_SHEAR = 0.3
 # Shuffle at most this many decoded images (memory bound for large images).
 MAX_SHUFFLE_BUFFER = 10_000
 
@@ -72,6 +76,57 @@ def random_resized_crop(
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
+def rand_augment(
+    num_ops: int, magnitude: float, magnitude_max: float, seed: int | None = None
+) -> keras.layers.Layer:
+    """Keras' RandAugment with torchvision's geometric ranges at ``magnitude / magnitude_max``.
+
+    Keras 3.15 hands its ``factor`` to every sub-layer in that sub-layer's own units, so its
+    rotation reaches ``factor`` x 360 degrees and its translation ``factor`` x the size. The
+    rotation, translation and shear sub-layers are replaced by ones with torchvision's ranges
+    (30 degrees, 150/331 of the size, 0.3 at the top magnitude), scaled by the magnitude. The
+    color ops keep Keras' ``factor = magnitude / magnitude_max``.
+
+    Example:
+        >>> layer = rand_augment(2, 12, 30)   # the CIFAR-10 recipe: at most 12 degrees
+        >>> layer.random_rotation.factor
+        (-0.03333333333333333, 0.03333333333333333)
+    """
+    strength = min(1.0, magnitude / magnitude_max)
+    layer = keras.layers.RandAugment(
+        value_range=(0, 255),
+        num_ops=num_ops,
+        factor=strength,
+        interpolation="bilinear",
+        seed=seed,
+    )
+    rotation = TORCHVISION_MAX_ROTATION_DEGREES * strength / 360.0
+    translation = TORCHVISION_MAX_TRANSLATION * strength
+    shear = TORCHVISION_MAX_SHEAR * strength
+    replacements = {
+        "random_rotation": keras.layers.RandomRotation(
+            (-rotation, rotation), interpolation="bilinear", seed=seed
+        ),
+        "random_translation": keras.layers.RandomTranslation(
+            (-translation, translation),
+            (-translation, translation),
+            interpolation="bilinear",
+            seed=seed,
+        ),
+        "random_shear": keras.layers.RandomShear(
+            x_factor=(0.0, shear), y_factor=(0.0, shear), interpolation="bilinear", seed=seed
+        ),
+    }
+    for name, sub_layer in replacements.items():
+        if name not in getattr(layer, "_AUGMENT_LAYERS", ()):
+            raise RuntimeError(
+                f"keras.layers.RandAugment (Keras {keras.__version__}) has no sub-layer "
+                f"{name!r}; training.augment.rand_augment needs updating."
+            )
+        setattr(layer, name, sub_layer)
+    return layer
+
+
 class BatchAugmenter:
     """The per-batch Keras augmentation layers of a config, built once, applied in ``tf.data``.
 
@@ -88,14 +143,12 @@ class BatchAugmenter:
         if config.hflip:
             self.layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
         if config.randaugment_ops > 0 and config.randaugment_magnitude > 0:
-            factor = min(1.0, config.randaugment_magnitude / config.randaugment_magnitude_max)
             self.layers.append(
-                keras.layers.RandAugment(
-                    value_range=(0, 255),
-                    num_ops=config.randaugment_ops,
-                    factor=factor,
-                    interpolation="bilinear",
-                    seed=seed,
+                rand_augment(
+                    config.randaugment_ops,
+                    config.randaugment_magnitude,
+                    config.randaugment_magnitude_max,
+                    seed,
                 )
             )
         if config.color_jitter > 0:
