@@ -26,6 +26,7 @@ def _wrapped(qat_model):
     }
 
 
+@pytest.mark.slow
 def test_every_layer_follows_the_policy_table():
     model = tiny_model()
     qat_model = quantize.quantize_model(model)

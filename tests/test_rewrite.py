@@ -50,6 +50,7 @@ def test_small_kernels_are_not_tiled():
     assert rewrite.tile_depthwise(model, tile=3, max_kernel=5) is model
 
 
+@pytest.mark.slow
 def test_tiled_tflite_matches_keras():
     """The converted, tiled k9 model (PAD + STRIDED_SLICE + 5x5 convs) equals the Keras model."""
     model = tiny_model(kernel_size=9)

@@ -7,6 +7,7 @@ import pytest
 from export_helpers import keras_logits, pixels, tiny_model
 
 from export import tflite
+from export.benchmark import xnnpack_partitions
 from export.evaluate import TFLiteClassifier
 
 
@@ -80,6 +81,9 @@ def test_edgetpu_check_flags_gelu_and_passes_relu(images, int8_blob):
     relu_blob = tflite.convert(tiny_model(activation="relu"), "int8", calibration_images=images)
     relu = tflite.edgetpu_report(relu_blob)
     assert relu["compatible"], relu["problems"]
+    # XNNPACK takes every int8 op but GELU: ReLU is one partition, each GELU splits the graph
+    assert xnnpack_partitions(relu_blob) == 1
+    assert xnnpack_partitions(int8_blob) == tflite.summarize(int8_blob).ops.count("GELU") + 1
 
 
 def test_float_model_is_not_edgetpu_compatible(gelu_model):
