@@ -89,15 +89,16 @@ def convmixer_arguments(model) -> dict:
 class TiledDepthwiseConv2D(keras.layers.Layer):
     """A "same"-padded k x k depthwise conv (stride 1, bias) computed as t x t tiles.
 
-    The k x k kernel (zero-extended to a multiple of ``tile``) is cut into ``ceil(k/t)**2``
-    tiles; each tile is a "valid" t x t depthwise conv over a shifted window of the input padded
-    once, and the partial results are summed. Mathematically identical to
-    ``DepthwiseConv2D(k, padding="same")``; the weights (``kernel``, ``bias``) have the same
-    shapes and meaning as that layer's.
+    The k x k kernel, zero-extended to a multiple of ``tile``, is cut into ``ceil(k/t)**2``
+    tiles, held as separate weights ``tile_{row}_{col}`` of shape ``(t, t, channels, 1)`` (so the
+    converter sees plain constant filters); each tile is a "valid" t x t depthwise conv over a
+    shifted window of the input padded once, and the partial results are summed. Mathematically
+    identical to ``DepthwiseConv2D(k, padding="same")``; :meth:`set_kernel` takes that layer's
+    weights.
 
     Args:
         kernel_size: k.
-        tile: t, the size of the small convs (3 or 5 run fast in XNNPACK).
+        tile: t, the size of the small convs (5 runs fast in XNNPACK).
 
     Example:
         >>> layer = TiledDepthwiseConv2D(kernel_size=9, tile=5)
@@ -106,7 +107,7 @@ class TiledDepthwiseConv2D(keras.layers.Layer):
     """
 
     def __init__(self, kernel_size: int, tile: int, **kwargs):
-        # kwargs: only the base Layer's (name, dtype, trainable) for serialization.
+        # kwargs: only the base Layer's (name, dtype, trainable), checked by keras.Layer.
         super().__init__(**kwargs)
         if tile < 1 or kernel_size < 1:
             raise ValueError(
@@ -115,39 +116,57 @@ class TiledDepthwiseConv2D(keras.layers.Layer):
             )
         self.kernel_size = int(kernel_size)
         self.tile = int(tile)
+        self.tiles_per_side = math.ceil(self.kernel_size / self.tile)
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        k = self.kernel_size
-        self.kernel = self.add_weight(name="kernel", shape=(k, k, channels, 1))
+        t = self.tile
+        self.tile_kernels = [
+            [
+                self.add_weight(name=f"tile_{row}_{col}", shape=(t, t, channels, 1))
+                for col in range(self.tiles_per_side)
+            ]
+            for row in range(self.tiles_per_side)
+        ]
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
+    def set_kernel(self, kernel: np.ndarray, bias: np.ndarray) -> None:
+        """Sets the tiles from a ``DepthwiseConv2D`` kernel ``(k, k, channels, 1)`` and bias."""
+        k, t, n = self.kernel_size, self.tile, self.tiles_per_side
+        if kernel.shape[:2] != (k, k):
+            raise ValueError(
+                f"{self.name}: expected a {k}x{k} kernel. Received: shape {kernel.shape}"
+            )
+        extended = np.zeros((n * t, n * t, *kernel.shape[2:]), kernel.dtype)
+        extended[:k, :k] = kernel
+        for row in range(n):
+            for col in range(n):
+                self.tile_kernels[row][col].assign(
+                    extended[row * t : (row + 1) * t, col * t : (col + 1) * t]
+                )
+        self.bias.assign(bias)
+
     def call(self, inputs):
-        k, t = self.kernel_size, self.tile
-        tiles = math.ceil(k / t)
-        extended = tiles * t
-        # TensorFlow's "same": total padding k - 1, the smaller half on top/left.
-        before = (k - 1) // 2
-        after = k - 1 - before + (extended - k)
-        padded = keras.ops.pad(inputs, [[0, 0], [before, after], [before, after], [0, 0]])
-        kernel = keras.ops.pad(self.kernel, [[0, extended - k], [0, extended - k], [0, 0], [0, 0]])
+        k, t, n = self.kernel_size, self.tile, self.tiles_per_side
         height, width = inputs.shape[1], inputs.shape[2]
         if height is None or width is None:
             raise ValueError(
                 f"{self.name}: TiledDepthwiseConv2D needs a static height and width. "
                 f"Received: input shape {inputs.shape}"
             )
+        # TensorFlow's "same": total padding k - 1, the smaller half on top/left; then zeros for
+        # the kernel's extension to n * t.
+        before = (k - 1) // 2
+        after = k - 1 - before + (n * t - k)
+        padded = keras.ops.pad(inputs, [[0, 0], [before, after], [before, after], [0, 0]])
         out = None
-        for row in range(tiles):
-            for col in range(tiles):
+        for row in range(n):
+            for col in range(n):
                 window = padded[
                     :, row * t : row * t + height + t - 1, col * t : col * t + width + t - 1, :
                 ]
                 part = keras.ops.depthwise_conv(
-                    window,
-                    kernel[row * t : (row + 1) * t, col * t : (col + 1) * t],
-                    strides=1,
-                    padding="valid",
+                    window, self.tile_kernels[row][col], strides=1, padding="valid"
                 )
                 out = part if out is None else out + part
         return out + self.bias
@@ -263,6 +282,11 @@ def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> ke
 
     tiled = keras.models.clone_model(model, clone_function=_clone)
     for layer in tiled.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
+        if not layer.weights:
+            continue
+        weights = model.get_layer(layer.name).get_weights()
+        if isinstance(layer, TiledDepthwiseConv2D):
+            layer.set_kernel(*weights)
+        else:
+            layer.set_weights(weights)
     return tiled

@@ -5,6 +5,7 @@ import pytest
 from export_helpers import keras_logits, pixels, tiny_model
 
 from export import rewrite, tflite
+from export.benchmark import xnnpack_partitions
 from export.evaluate import TFLiteClassifier
 
 
@@ -56,6 +57,8 @@ def test_tiled_tflite_matches_keras():
     model = tiny_model(kernel_size=9)
     blob = tflite.convert(model, "fp32")  # auto: tiles k > 5 into 5x5
     summary = tflite.summarize(blob)
-    assert "PAD" in summary.ops and summary.ops.count("DEPTHWISE_CONV_2D") == 2 * 4
+    # one PAD per block, four 5x5 convs on constant filters, the whole graph in one XNNPACK node
+    assert summary.ops.count("PAD") == 2 and summary.ops.count("DEPTHWISE_CONV_2D") == 2 * 4
+    assert summary.ops[0] == "CONV_2D" and xnnpack_partitions(blob) == 1
     out = TFLiteClassifier(blob).predict(pixels(8))
     np.testing.assert_allclose(out, keras_logits(model, pixels(8)), rtol=1e-4, atol=1e-5)
