@@ -3,13 +3,12 @@
 Launches 2 local workers (MultiWorkerMirroredStrategy); each builds the real training pipeline
 (training.augment, augmentation off so an image's pixels identify it) with the DATA shard policy
 and hashes every image it gets during one epoch. Prints per worker how many it saw and how many
-both saw. ``--force-deterministic`` makes every parallel ``Dataset.map`` keep its input order
-(what the DATA policy needs: each worker keeps every N-th element of the same stream).
+both saw: 0 when the shards are disjoint (the DATA policy keeps every N-th element of each
+worker's stream, so ``training.distribute.with_shard_policy`` makes the maps keep their order).
 
 Example::
 
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/shard_overlap.py
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/shard_overlap.py --force-deterministic
 """
 
 from __future__ import annotations
@@ -25,21 +24,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 
-def worker(force_deterministic: bool, limit_per_class: int) -> None:
+def worker(limit_per_class: int) -> None:
     """One worker: prints ``SEEN <json list of image hashes>`` for one epoch."""
     from training import distribute
 
     strategy = distribute.make_strategy({"strategy": "multi_worker"})
     import tensorflow as tf
-
-    if force_deterministic:
-        plain_map = tf.data.Dataset.map
-
-        def ordered_map(self, *args, **kwargs):
-            kwargs.pop("deterministic", None)  # fall back to Options.deterministic (True)
-            return plain_map(self, *args, **kwargs)
-
-        tf.data.Dataset.map = ordered_map
 
     from training import augment
     from training.config import TrainConfig
@@ -63,20 +53,17 @@ def worker(force_deterministic: bool, limit_per_class: int) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force-deterministic", action="store_true")
     parser.add_argument("--limit-per-class", type=int, default=20)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.force_deterministic, args.limit_per_class)
+        worker(args.limit_per_class)
         return {}
 
     from training import launch
 
     program = [sys.executable, os.path.abspath(__file__), "--worker"]
     program += ["--limit-per-class", str(args.limit_per_class)]
-    if args.force_deterministic:
-        program.append("--force-deterministic")
     output = io.StringIO()
     status = launch.launch(program, 2, output=output)
     if status:
@@ -88,7 +75,6 @@ def main(argv=None) -> dict:
             seen[prefix + "]"] = json.loads(text.removeprefix("SEEN "))
     first, second = (set(seen[key]) for key in sorted(seen))
     result = {
-        "force_deterministic": args.force_deterministic,
         "images_in_split": 10 * args.limit_per_class,
         "seen_per_worker": [len(seen[key]) for key in sorted(seen)],
         "seen_by_both": len(first & second),

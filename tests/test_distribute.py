@@ -350,3 +350,13 @@ def test_killed_run_resumes_from_backup(
     assert not (output_dir / "backup").exists()  # removed once the run finished
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["final"]["epoch"] == 2
+
+
+def test_data_sharding_requires_ordered_pipeline():
+    """DATA sharding is disjoint only if every worker sees the same order (shard_overlap.py)."""
+    fast = tf.data.Dataset.range(8).map(lambda x: x * 2, num_parallel_calls=2)
+    options = tf.data.Options()
+    options.deterministic = False
+    fast = fast.with_options(options)
+    assert distribute.with_shard_policy(fast, "data").options().deterministic is True
+    assert distribute.with_shard_policy(fast, "file").options().deterministic is False

@@ -303,8 +303,7 @@ def decoded_dataset(
             ds = ds.shuffle(len(folder.paths), seed=seed, reshuffle_each_iteration=True)
         ds = ds.map(
             lambda path, label: (decode_image_file(path), label),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=not shuffle_files,
+            num_parallel_calls=AUTOTUNE,  # order: tf.data.Options.deterministic (default True)
         )
         ds = ds.ignore_errors(log_warning=True)
         return Decoded(ds, list(folder.class_names), len(folder.paths), folder.skipped)
