@@ -29,7 +29,6 @@ def worker(limit_per_class: int) -> None:
     from training import distribute
 
     strategy = distribute.make_strategy({"strategy": "multi_worker"})
-    import tensorflow as tf
 
     from training import augment
     from training.config import TrainConfig
