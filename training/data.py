@@ -36,6 +36,8 @@ import typing
 import numpy as np
 import tensorflow as tf
 
+from convmixer_tf import imagenet
+
 logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -361,7 +363,8 @@ def resize_image(
 ) -> tf.Tensor:
     """Evaluation resize as timm does it: resize, then center-crop ``image_size``.
 
-    A square target resizes the shorter side to ``floor(size / crop_pct)`` (aspect ratio kept);
+    A square target is :func:`convmixer_tf.imagenet.preprocess_image` (the shorter side to
+    ``floor(size / crop_pct)``, aspect ratio kept, torchvision's rounding; tested against timm);
     a non-square one resizes to ``floor(size / crop_pct)`` per side. Returns uint8, rounded.
 
     Example:
@@ -370,12 +373,9 @@ def resize_image(
     """
     height, width = image_size
     if height == width:
-        target = math.floor(height / crop_pct)
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = target / tf.reduce_min(shape)
-        resize_to = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), target)
-    else:
-        resize_to = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+        image = imagenet.preprocess_image(image, height, crop_pct, interpolation)
+        return tf.cast(image, tf.uint8)
+    resize_to = (math.floor(height / crop_pct), math.floor(width / crop_pct))
     image = tf.image.resize(
         tf.cast(image, tf.float32), resize_to, method=interpolation, antialias=True
     )
