@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keras", default=None, help="the .keras model to compare with")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64, help="data loading batch size")
+    parser.add_argument(
+        "--crop-pct",
+        type=float,
+        default=1.0,
+        help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
+    )
+    parser.add_argument(
+        "--interpolation",
+        default="bilinear",
+        help="resize interpolation (bicubic for the ImageNet presets)",
+    )
     return parser
 
 
@@ -168,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         image_size=(height, width),
         batch_size=args.batch_size,
         limit_per_class=args.limit_per_class,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
     )
     keras_model = load_keras_model(args.keras) if args.keras else None
     result = evaluate(
