@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,17 +77,19 @@ def build_model(
 
 
 def save_model_atomic(model, output: str) -> None:
-    """Saves a Keras 3 model as ``.keras`` under a temporary name in the same folder, then renames.
+    """Saves a Keras model (Keras 3 or tf_keras) as ``.keras`` through a temporary file in the
+    same folder and ``os.replace``: a crash never leaves a half-written ``output``.
 
     Example:
         >>> from convmixer_tf import convert
         >>> convert.save_model_atomic(model, "convmixer.keras")  # doctest: +SKIP
     """
-    if not output.endswith(".keras"):
+    if not os.fspath(output).endswith(".keras"):
         raise ValueError(f"The output file must end with '.keras'. Received: output={output!r}")
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(output)[:-6]}.tmp{os.getpid()}.keras")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
+    os.close(fd)
     try:
         model.save(tmp)
         os.replace(tmp, output)

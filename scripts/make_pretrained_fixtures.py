@@ -2,9 +2,9 @@
 
 Run ONCE, with PyTorch installed in a separate venv (the project itself never needs PyTorch):
 
-    python3 -m venv /work/torchvenv
-    /work/torchvenv/bin/pip install torch==2.13.0 numpy safetensors
-    /work/torchvenv/bin/python scripts/make_pretrained_fixtures.py
+    python3 -m venv .torchvenv
+    .torchvenv/bin/pip install torch==2.13.0 numpy safetensors
+    .torchvenv/bin/python scripts/make_pretrained_fixtures.py
 
 It builds tiny ConvMixers (dim 16, depth 2, patch 2, 10 classes, 16x16 input) written exactly as
 timm's (``timm/models/convmixer.py``: ``stem`` / ``blocks`` / ``head``) and as the official

@@ -1,7 +1,7 @@
 """Checks the import of a full-size checkpoint against PyTorch's logits, and times it.
 
     D=$(mktemp -d)
-    /work/torchvenv/bin/python scripts/make_pretrained_fixtures.py --full-size convmixer_768_32 \\
+    .torchvenv/bin/python scripts/make_pretrained_fixtures.py --full-size convmixer_768_32 \\
         --official --output-dir $D
     PYTHONPATH=. python scripts/verify_full_size.py --model convmixer_768_32 --dir $D
 

@@ -25,6 +25,7 @@ import types
 import numpy as np
 import tensorflow as tf
 
+from convmixer_tf.convert import save_model_atomic
 from training import distribute
 from training.config import write_text_atomic
 
@@ -256,21 +257,3 @@ def callback_classes(keras):
         StopOnNaN=StopOnNaN,
         AtomicBackupAndRestore=AtomicBackupAndRestore,
     )
-
-
-def save_model_atomic(model, path: str) -> None:
-    """``model.save(path)`` through a temporary ``.keras`` file in the same folder.
-
-    Example:
-        >>> save_model_atomic(model, "runs/exp/model.keras")  # doctest: +SKIP
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
