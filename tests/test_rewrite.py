@@ -53,12 +53,12 @@ def test_small_kernels_are_not_tiled():
 
 @pytest.mark.slow
 def test_tiled_tflite_matches_keras():
-    """The converted, tiled k9 model (PAD + STRIDED_SLICE + 5x5 convs) equals the Keras model."""
+    """The converted, tiled k9 model (PAD + STRIDED_SLICE + 3x3 convs) equals the Keras model."""
     model = tiny_model(kernel_size=9)
-    blob = tflite.convert(model, "fp32")  # auto: tiles k > 5 into 5x5
+    blob = tflite.convert(model, "fp32")  # auto: tiles k > 5 into 3x3
     summary = tflite.summarize(blob)
-    # one PAD per block, four 5x5 convs on constant filters, the whole graph in one XNNPACK node
-    assert summary.ops.count("PAD") == 2 and summary.ops.count("DEPTHWISE_CONV_2D") == 2 * 4
+    # one PAD per block, nine 3x3 convs on constant filters, the whole graph in one XNNPACK node
+    assert summary.ops.count("PAD") == 2 and summary.ops.count("DEPTHWISE_CONV_2D") == 2 * 9
     assert summary.ops[0] == "CONV_2D" and xnnpack_partitions(blob) == 1
     out = TFLiteClassifier(blob).predict(pixels(8))
     np.testing.assert_allclose(out, keras_logits(model, pixels(8)), rtol=1e-4, atol=1e-5)
