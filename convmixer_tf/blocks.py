@@ -43,11 +43,15 @@ def _reduction_axes(x: tf.Tensor) -> list[int]:
 
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-def _batch_norm_forward(x, gamma, beta, epsilon):
-    axes = _reduction_axes(x)
-    mean = tf.reduce_mean(x, axes)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes)
-    return (x - mean) * (tf.math.rsqrt(variance + epsilon) * gamma) + beta, mean, variance
+def _batch_norm_forward(x, gamma, beta, shift, epsilon):
+    # One pass for both statistics: the sums of (x - shift) and of its square. Shifting by an
+    # estimate of the mean (the moving mean) keeps E[d^2] - E[d]^2 free of cancellation.
+    rows = tf.reshape(x - shift, (-1, tf.shape(x)[-1]))
+    shifted_mean = tf.reduce_mean(rows, 0)
+    variance = tf.maximum(tf.reduce_mean(tf.square(rows), 0) - tf.square(shifted_mean), 0.0)
+    mean = shift + shifted_mean
+    scale = tf.math.rsqrt(variance + epsilon) * gamma
+    return x * scale + (beta - mean * scale), mean, variance
 
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
@@ -62,15 +66,24 @@ def _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream):
     return d_x, d_gamma, d_beta
 
 
-def batch_norm_train_fused(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
+def batch_norm_train_fused(
+    x: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    epsilon: float,
+    shift: tf.Tensor | None = None,
+):
     """Training-mode BatchNorm over all axes but the last: ``(y, batch mean, batch variance)``.
 
     ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta`` with the batch's (biased)
     statistics, as ``keras.layers.BatchNormalization(...)(x, training=True)`` computes it. The
     forward and the backward pass (the closed-form BatchNorm gradient) are each one XLA
-    computation: two to three passes over ``x`` instead of the dozen TensorFlow kernels of
-    ``tf.nn.moments`` + ``tf.nn.batch_normalization`` and their gradients. The returned
-    statistics are for the moving averages; no gradient flows through them.
+    computation: two passes over ``x`` each (one for the statistics, one for the output),
+    instead of the dozen TensorFlow kernels of ``tf.nn.moments`` + ``tf.nn.batch_normalization``
+    and their gradients. ``shift``, a per-channel estimate of the mean (the layer passes its
+    moving mean), makes the one-pass variance exact to float32 rounding even when the mean is
+    large against the spread; zeros by default. The returned statistics are for the moving
+    averages; no gradient flows through them (nor into ``shift``).
 
     Example:
         >>> x = tf.random.normal((8, 4, 4, 3))
@@ -79,10 +92,11 @@ def batch_norm_train_fused(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsi
         True
     """
     epsilon = tf.constant(epsilon, x.dtype)
+    shift = tf.zeros_like(gamma) if shift is None else tf.stop_gradient(shift)
 
     @tf.custom_gradient
     def fused(x, gamma, beta):
-        y, mean, variance = _batch_norm_forward(x, gamma, beta, epsilon)
+        y, mean, variance = _batch_norm_forward(x, gamma, beta, shift, epsilon)
 
         def grad(upstream, _upstream_mean, _upstream_variance):
             return _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream)
@@ -128,7 +142,8 @@ def batch_norm_layer_class(keras):
             x = tf.cast(inputs, tf.float32)
             gamma = tf.cast(self.gamma, tf.float32)
             beta = tf.cast(self.beta, tf.float32)
-            y, mean, variance = batch_norm_train_fused(x, gamma, beta, self.epsilon)
+            shift = tf.cast(self.moving_mean, tf.float32)
+            y, mean, variance = batch_norm_train_fused(x, gamma, beta, self.epsilon, shift)
             momentum = self.momentum
             self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
             self.moving_variance.assign(

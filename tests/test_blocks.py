@@ -63,6 +63,21 @@ def test_gelu_layer_training_and_inference_equal_activation_gelu():
         blocks.gelu_layer_class(keras)(activation="relu")
 
 
+def test_batch_norm_fused_statistics_with_a_large_mean():
+    """The one-pass variance is exact when shifted by an estimate of the mean (the layer's moving
+    mean), where the unshifted E[x^2] - E[x]^2 loses it to float32 cancellation."""
+    x = tf.random.stateless_normal((64, 4, 4, 3), seed=(3, 4)) * [1.0, 2.0, 0.5] + 1000.0
+    expected = np.var(x.numpy().astype("float64"), axis=(0, 1, 2))
+    gamma, beta = tf.ones(3), tf.zeros(3)
+    shift = tf.constant([1000.3, 999.5, 1000.0])
+    y, mean, variance = blocks.batch_norm_train_fused(x, gamma, beta, 1e-5, shift)
+    np.testing.assert_allclose(variance.numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(mean.numpy(), np.mean(x.numpy().astype("float64"), (0, 1, 2)))
+    np.testing.assert_allclose(np.std(y.numpy(), axis=(0, 1, 2)), 1.0, rtol=1e-3)
+    _, _, unshifted = blocks.batch_norm_train_fused(x, gamma, beta, 1e-5)
+    assert np.max(np.abs(unshifted.numpy() / expected - 1)) > 1e-2
+
+
 def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
     k3 = convmixer_tf.ConvMixer(**tiny_kwargs)
     k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")

@@ -46,7 +46,7 @@ from typing import Any
 import tensorflow as tf
 
 import convmixer_tf
-from training import augment, distribute
+from training import allocator, augment, distribute
 from training.callbacks import (
     METRICS_FILE,
     TrainingDivergedError,
@@ -197,6 +197,8 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
         ...                                limit_per_class=8, dim=16, depth=1, batch_size=16))
         >>> t.model.fit(t.train_ds, steps_per_epoch=2, epochs=1)  # doctest: +SKIP
     """
+    if config.keep_freed_memory:
+        allocator.keep_freed_memory()
     keras_module = resolve_keras_module(config)
     if strategy is None:
         strategy = distribute.make_strategy(config)
