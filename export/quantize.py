@@ -17,12 +17,19 @@ Normalization          SUB, MUL                                     output
 Conv2D                 CONV_2D (+ fused ReLU)                       per-channel weights, output
                                                                     (pre-activation; none when
                                                                     a ReLU is fused into it)
-DepthwiseConv2D        DEPTHWISE_CONV_2D (+ fused ReLU)             as Conv2D
+DepthwiseConv2D        DEPTHWISE_CONV_2D (+ fused ReLU)             per-channel weights on the
+                                                                    converter's own grid
+                                                                    (PerChannelGridQuantizer),
+                                                                    output
 Activation             GELU / (fused) RELU                          output
-BatchNormalization     MUL, ADD (after an activation: not folded)   output
+BatchNormalization     (rewritten first as a 1x1 DepthwiseConv2D:   as DepthwiseConv2D
+                       one DEPTHWISE_CONV_2D, per-channel weights;
+                       as MUL + ADD it would get a per-tensor
+                       multiplier and an unmodelled intermediate)
 Add                    ADD                                          output
 GlobalAveragePooling2D MEAN                                         output
-Dense                  FULLY_CONNECTED                              per-tensor weights, output
+Dense                  FULLY_CONNECTED                              per-channel weights (grid),
+                                                                    output
 ====================== ============================================ ==========================
 
 Example:
@@ -53,7 +60,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
     QuantizeLayer,
 )
 
-from export.rewrite import rebuild
+from export.rewrite import batch_norm_as_depthwise, rebuild
 
 _quantizers = tfmot.quantization.keras.quantizers
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
@@ -97,22 +104,68 @@ class OutputQuantizeConfig(_QuantizeConfig):
         return type(self) is type(other) and self.get_config() == other.get_config()
 
 
+class PerChannelGridQuantizer(_quantizers.Quantizer):
+    """Per-output-channel symmetric int8 fake quantization on the TFLite converter's own grid.
+
+    For a weight whose output channels are the entries left after reducing ``reduce_axes``
+    (a depthwise kernel ``(kh, kw, C, 1)``: ``(0, 1)``; a Dense kernel ``(in, out)``: ``(0,)``),
+    each channel is rounded to steps of ``max|w_c| / 127`` in [-127, 127] (narrow range), with
+    a straight-through gradient. The converter quantizes DEPTHWISE_CONV_2D and FULLY_CONNECTED
+    weights per channel with exactly these scales, computed from the weights it is given; those
+    are already on the grid, so the .tflite computes with the fake-quant model's weights.
+    tfmot's per-axis quantizers keep one range per LAST axis: for a depthwise kernel that is one
+    range for the whole kernel (its last axis has size 1), and per-axis ranges on a Dense kernel
+    stop the converter ("'tfl.transpose' op has mismatched quantized axes").
+    """
+
+    def __init__(self, reduce_axes: Sequence[int]):
+        self.reduce_axes = tuple(int(a) for a in reduce_axes)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        channel_max = tf.reduce_max(tf.abs(inputs), axis=self.reduce_axes, keepdims=True)
+        scale = tf.maximum(channel_max, 1e-12) / 127.0
+        quantized = tf.clip_by_value(tf.round(inputs / scale), -127.0, 127.0) * scale
+        return inputs + tf.stop_gradient(quantized - inputs)
+
+    def get_config(self):
+        return {"reduce_axes": list(self.reduce_axes)}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.reduce_axes == other.reduce_axes
+
+    def __ne__(self, other):
+        return not self == other
+
+
 class WeightsQuantizeConfig(OutputQuantizeConfig):
     """Quantizes one weight (the kernel) and, unless a ReLU is fused into the op, the output.
 
     Args:
         weight_attr: the layer attribute holding the weight (``"kernel"``, ``"depthwise_kernel"``).
-        per_axis: per-output-channel weight scales (TFLite's int8 convs) or one scale (Dense).
+        per_axis: per-output-channel weight scales (TFLite's int8 convs) or one scale.
+        grid_axes: use :class:`PerChannelGridQuantizer` over these axes (depthwise, Dense).
         quantize_output: False where TFLite fuses the following ReLU into the op, so that no
             quantization point sits between them.
     """
 
-    def __init__(self, weight_attr: str, per_axis: bool, quantize_output: bool = True):
+    def __init__(
+        self,
+        weight_attr: str,
+        per_axis: bool,
+        quantize_output: bool = True,
+        grid_axes: Sequence[int] | None = None,
+    ):
         self.weight_attr = weight_attr
         self.per_axis = per_axis
         self.quantize_output = quantize_output
+        self.grid_axes = None if grid_axes is None else tuple(int(a) for a in grid_axes)
 
     def _weight_quantizer(self):
+        if self.grid_axes is not None:
+            return PerChannelGridQuantizer(self.grid_axes)
         if self.per_axis:
             # Per-channel, symmetric, narrow range [-127, 127]: TFLite's int8 conv weights.
             return tfmot.quantization.keras.quantizers.LastValueQuantizer(
@@ -141,6 +194,7 @@ class WeightsQuantizeConfig(OutputQuantizeConfig):
             "weight_attr": self.weight_attr,
             "per_axis": self.per_axis,
             "quantize_output": self.quantize_output,
+            "grid_axes": None if self.grid_axes is None else list(self.grid_axes),
         }
 
 
@@ -151,24 +205,28 @@ class _Policy:
     config: type
     weight_attr: str | None = None
     per_axis: bool = False
+    grid_axes: tuple[int, ...] | None = None
 
     def make(self, quantize_output: bool = True) -> _QuantizeConfig:
         if self.config is OutputQuantizeConfig:
             return OutputQuantizeConfig()
-        return self.config(self.weight_attr, self.per_axis, quantize_output)
+        return self.config(self.weight_attr, self.per_axis, quantize_output, self.grid_axes)
 
 
 # The whole quantization policy of a ConvMixer: Keras layer class name -> config.
 QUANTIZE_POLICY: dict[str, _Policy] = {
     "Normalization": _Policy(OutputQuantizeConfig),
     "Conv2D": _Policy(WeightsQuantizeConfig, "kernel", per_axis=True),
-    "DepthwiseConv2D": _Policy(WeightsQuantizeConfig, "depthwise_kernel", per_axis=True),
+    "DepthwiseConv2D": _Policy(
+        WeightsQuantizeConfig, "depthwise_kernel", per_axis=True, grid_axes=(0, 1)
+    ),
     "Activation": _Policy(OutputQuantizeConfig),
     "BatchNormalization": _Policy(OutputQuantizeConfig),
     "Add": _Policy(OutputQuantizeConfig),
     "GlobalAveragePooling2D": _Policy(OutputQuantizeConfig),
     "GlobalMaxPooling2D": _Policy(OutputQuantizeConfig),
-    "Dense": _Policy(WeightsQuantizeConfig, "kernel", per_axis=False),
+    # Per output channel, as the converter quantizes FULLY_CONNECTED weights (TF 2.21).
+    "Dense": _Policy(WeightsQuantizeConfig, "kernel", per_axis=True, grid_axes=(0,)),
 }
 
 # Activations that TFLite fuses into the preceding conv / dense op.
@@ -181,6 +239,7 @@ def quantize_scope():
         {
             "OutputQuantizeConfig": OutputQuantizeConfig,
             "WeightsQuantizeConfig": WeightsQuantizeConfig,
+            "PerChannelGridQuantizer": PerChannelGridQuantizer,
         }
     )
 
@@ -262,8 +321,11 @@ def quantize_model(
     """Returns the fake-quantized tf_keras model (QAT-ready) of a Keras 3 or tf_keras ConvMixer.
 
     The model is rebuilt as tf_keras (with the input normalization folded into the stem conv by
-    default, see :func:`export.rewrite.rebuild`), annotated from :data:`QUANTIZE_POLICY`, and its
-    input quantizer set to the raw pixel range [0, 255] (:data:`PIXEL_RANGE`).
+    default, see :func:`export.rewrite.rebuild`), its BatchNorms turned into the equal 1x1
+    depthwise convs (:func:`export.rewrite.batch_norm_as_depthwise`: QAT then fine-tunes them
+    as frozen-statistics affines, the usual BN folding of QAT), annotated from
+    :data:`QUANTIZE_POLICY`, and its input quantizer set to the raw pixel range [0, 255]
+    (:data:`PIXEL_RANGE`).
 
     Example:
         >>> import convmixer_tf
@@ -275,6 +337,7 @@ def quantize_model(
     model = rebuild(
         model, keras_module="tf_keras", batch_size=batch_size, fold_preprocessing=fold_preprocessing
     )
+    model = batch_norm_as_depthwise(model)
     with quantize_scope():
         qat_model = tfmot.quantization.keras.quantize_apply(
             annotate(model), scheme=ConvMixerQuantizeScheme()

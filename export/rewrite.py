@@ -24,6 +24,7 @@ import math
 
 import keras
 import numpy as np
+import tf_keras
 
 import convmixer_tf
 import convmixer_tf.model
@@ -290,3 +291,69 @@ def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> ke
         else:
             layer.set_weights(weights)
     return tiled
+
+
+def batch_norm_as_depthwise(model):
+    """Returns ``model`` with every BatchNormalization as the equal 1x1 ``DepthwiseConv2D``.
+
+    At inference a BN is the per-channel affine ``x * s + b`` with ``s = gamma / sqrt(var +
+    eps)`` and ``b = beta - mean * s``. After an activation (ConvMixer's order) the converter
+    cannot fold it into a conv and emits MUL + ADD; in an int8 graph the MUL's constant ``s`` is
+    then quantized with ONE scale for all channels, which flattens the small multipliers (a
+    channel with ``s`` 100 times below the largest keeps under 2 of its 8 bits). As a 1x1
+    depthwise conv the same affine gets per-channel int8 weights and an int32 bias, like every
+    other conv: one DEPTHWISE_CONV_2D op instead of two, exact in float. Works on Keras 3 and
+    tf_keras ConvMixers (tensorflow-model-optimization then quantizes it as a depthwise conv).
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> type(batch_norm_as_depthwise(model).get_layer("stem_bn")).__name__
+        'DepthwiseConv2D'
+    """
+    convmixer_arguments(model)
+    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    norms = {
+        layer.name: layer
+        for layer in model.layers
+        if isinstance(layer, module.layers.BatchNormalization)
+    }
+    for layer in norms.values():
+        if not (layer.scale and layer.center) or layer.axis not in (-1, [-1], [3], 3):
+            raise ValueError(
+                f"BatchNormalization {layer.name!r} cannot become a depthwise conv: needs "
+                f"scale, center and the channel axis last. Received: axis={layer.axis}"
+            )
+
+    def _clone(layer):
+        if layer.name in norms:
+            return module.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    if module is keras:
+        # Keras 3 replays each node's call arguments; BatchNormalization's include `mask`,
+        # which DepthwiseConv2D does not take.
+        def _call(layer, *args, **kwargs):
+            if layer.name in norms:
+                kwargs.pop("mask", None)
+            return layer(*args, **kwargs)
+
+        converted = keras.models.clone_model(model, clone_function=_clone, call_function=_call)
+    else:
+        converted = tf_keras.models.clone_model(model, clone_function=_clone)
+    for layer in converted.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name)
+        if layer.name not in norms:
+            layer.set_weights(source.get_weights())
+            continue
+        gamma, beta, mean, variance = (np.asarray(w, "float64") for w in source.get_weights())
+        scale = gamma / np.sqrt(variance + source.epsilon)
+        layer.set_weights(
+            [
+                scale.reshape(1, 1, -1, 1).astype("float32"),
+                (beta - mean * scale).astype("float32"),
+            ]
+        )
+    return converted

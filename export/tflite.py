@@ -86,9 +86,13 @@ def prepare_keras_model(model, fmt: str, *, depthwise_tile: int | None | str = "
 
     ``depthwise_tile``: ``"auto"`` tiles k x k depthwise convs with k > 5 into 3x3 ones for the
     float formats (fp32, fp16, dynamic) and leaves int8 untouched; an int tiles them with that
-    size in any format; None never tiles.
+    size in any format; None never tiles. For int8, every BatchNorm becomes the equal 1x1
+    depthwise conv (:func:`export.rewrite.batch_norm_as_depthwise`: per-channel int8
+    multipliers instead of a per-tensor MUL constant).
     """
     model = rewrite.rebuild(model, batch_size=1, fold_preprocessing=True)
+    if fmt in INTEGER_FORMATS:
+        model = rewrite.batch_norm_as_depthwise(model)
     if depthwise_tile == "auto":
         depthwise_tile = None if fmt in INTEGER_FORMATS else DEFAULT_DEPTHWISE_TILE
     if depthwise_tile is not None:

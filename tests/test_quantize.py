@@ -6,7 +6,7 @@ import tensorflow as tf
 import tf_keras
 from export_helpers import keras_logits, pixels, tiny_model
 
-from export import quantize, tflite
+from export import quantize, rewrite, tflite
 from export.evaluate import TFLiteClassifier
 
 
@@ -31,7 +31,7 @@ def test_every_layer_follows_the_policy_table():
     model = tiny_model()
     qat_model = quantize.quantize_model(model)
     configs = _wrapped(qat_model)
-    base = quantize.to_tf_keras(model)
+    base = rewrite.batch_norm_as_depthwise(quantize.to_tf_keras(model))
     folded = [layer for layer in base.layers if layer.name not in ("pixels", "preprocessing")]
     assert sorted(configs) == sorted(layer.name for layer in folded)
     for layer in folded:
@@ -44,7 +44,7 @@ def test_fused_relu_has_no_quantizer_before_it():
     qat_model = quantize.quantize_model(tiny_model(activation="relu"))
     configs = _wrapped(qat_model)
     assert configs["stem_conv"].get_config() == {
-        "weight_attr": "kernel", "per_axis": True, "quantize_output": False,
+        "weight_attr": "kernel", "per_axis": True, "quantize_output": False, "grid_axes": None,
     }  # fmt: skip
     assert configs["stem_act"].get_output_quantizers(None)
     assert configs["head"].quantize_output  # Dense without ReLU keeps its output quantizer
@@ -95,3 +95,24 @@ def test_qat_tflite_is_fully_int8_and_agrees():
     differences = np.abs(out - fake_quant) / scale
     assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
     assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+
+
+def test_depthwise_weights_sit_on_the_converters_per_channel_grid():
+    """Each channel of a depthwise kernel is rounded to max|w_c| / 127 steps (TFLite's own
+    per-channel scales); tfmot's per-axis quantizers would use one range for the whole kernel."""
+    assert quantize.QUANTIZE_POLICY["DepthwiseConv2D"].make().get_config()["grid_axes"] == [0, 1]
+    quantizer = quantize.PerChannelGridQuantizer((0, 1))
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (3, 3, 4, 1)).astype("float32") * [0.01, 0.1, 1.0, 10.0]
+    out = quantizer(tf.constant(kernel), training=True, weights={}).numpy()
+    scale = np.abs(kernel).max(axis=(0, 1), keepdims=True) / 127
+    steps = out / scale
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    np.testing.assert_allclose(out, kernel, atol=0.51 * scale.max(axis=(0, 1, 3)).max())
+    np.testing.assert_allclose(np.abs(out).max(axis=(0, 1)), np.abs(kernel).max(axis=(0, 1)))
+    # smallest channel keeps its own resolution (a single scale would round it to zero)
+    assert np.abs(out[..., 0, :]).max() > 0
+    variable = tf.Variable(kernel)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(quantizer(variable, training=True, weights={}) * 2.0)
+    np.testing.assert_array_equal(tape.gradient(loss, variable), np.full_like(kernel, 2.0))

@@ -62,3 +62,36 @@ def test_tiled_tflite_matches_keras():
     assert summary.ops[0] == "CONV_2D" and xnnpack_partitions(blob) == 1
     out = TFLiteClassifier(blob).predict(pixels(8))
     np.testing.assert_allclose(out, keras_logits(model, pixels(8)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keras_module", ["keras", "tf_keras"])
+def test_batch_norm_as_depthwise_is_exact(keras_module):
+    from export import quantize
+
+    model = tiny_model()
+    source = quantize.to_tf_keras(model) if keras_module == "tf_keras" else model
+    converted = rewrite.batch_norm_as_depthwise(source)
+    layer = converted.get_layer("blocks_1_dwconv_bn")
+    assert type(layer).__name__ == "DepthwiseConv2D" and layer.kernel_size == (1, 1)
+    assert not any("BatchNormalization" in type(layer).__name__ for layer in converted.layers)
+    ref = keras_logits(model, pixels(8))
+    np.testing.assert_allclose(keras_logits(converted, pixels(8)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_tflite_has_batch_norms_as_depthwise_convs():
+    """No MUL in the int8 graph: each BN is one per-channel-quantized DEPTHWISE_CONV_2D."""
+    model = tiny_model()
+    blob = tflite.convert(model, "int8", calibration_images=pixels(16))
+    summary = tflite.summarize(blob)
+    depth = 2
+    assert "MUL" not in summary.ops
+    # per block: the k x k conv and two BNs; plus the stem's BN
+    assert summary.ops.count("DEPTHWISE_CONV_2D") == 3 * depth + 1
+    interpreter = TFLiteClassifier(blob).interpreter
+    filters = [
+        t
+        for t in interpreter.get_tensor_details()
+        if t["dtype"] == np.int8 and tuple(t["shape"]) == (1, 1, 1, 16)
+    ]
+    assert len(filters) == 2 * depth + 1
+    assert all(len(t["quantization_parameters"]["scales"]) == 16 for t in filters)
