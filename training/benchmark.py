@@ -19,6 +19,9 @@ FLOPs, from the model's layer shapes (no profiler):
   forward's work (gradients of the inputs and of the weights), and a MAC is 2 FLOPs.
   Elementwise work (activations, BatchNorm, the optimizer) is not counted: it is overhead.
 
+``img_per_s`` is the batch over the median step time (steady state); ``img_per_s_wall`` is the
+timed images over the wall time of the timed ``fit()`` call (adds its per-call setup).
+
 The peak is measured in the same process, with the same thread settings: the best time of a
 float32 ``tf.matmul`` of two ``--peak-size`` square matrices (``2 * n**3`` FLOPs), measured
 before and after the timed steps (the higher is used). ``fraction_of_peak`` =
