@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--depthwise-tile", default="auto",
         help="auto (3x3 tiles for kernels > 5 in float formats), none, or a tile size",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch-norm", choices=("depthwise", "mul"), default="depthwise",
+        help="int8: BatchNorms as 1x1 depthwise convs (per-channel, accurate; default) or as "
+        "MUL + ADD (smaller file)",
+    )  # fmt: skip
     parser.add_argument("--edgetpu", action="store_true",
                         help="report whether every op suits the Edge TPU compiler")  # fmt: skip
     return parser
@@ -117,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"error: --format {args.format} needs training data for calibration"
             f"{' and fine-tuning' if args.format == 'qat' else ''}: pass --data-dir or --dataset."
         )
+    if args.format == "qat" and args.batch_norm != "depthwise":
+        raise SystemExit(
+            "error: --batch-norm mul applies to --format int8 only: QAT always computes its "
+            "BatchNorms as depthwise convs (what its fake-quant model is trained for)."
+        )
     if args.format == "qat" and args.qat_steps is None and args.qat_epochs is None:
         raise SystemExit("error: --format qat needs --qat-steps or --qat-epochs.")
     model = load_keras_model(args.model)
@@ -152,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         io_type=args.io,
         depthwise_tile=tile,
         class_names=class_names,
+        batch_norm=args.batch_norm,
     )
     tflite.write_atomic(args.output, blob)
     summary = tflite.summarize(blob)

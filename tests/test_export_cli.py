@@ -53,6 +53,14 @@ def test_qat_without_length_is_a_clear_error(keras_path, tmp_path, cifar10_train
                   str(tmp_path / "m.tflite"), "--data-dir", str(cifar10_train_dir)])  # fmt: skip
 
 
+def test_qat_with_batch_norm_mul_is_a_clear_error(keras_path, tmp_path, cifar10_train_dir):
+    with pytest.raises(SystemExit, match="--batch-norm mul applies to --format int8 only"):
+        cli.main(["--model", str(keras_path), "--format", "qat", "--output",
+                  str(tmp_path / "m.tflite"), "--data-dir", str(cifar10_train_dir),
+                  "--qat-steps", "1", "--batch-norm", "mul"])  # fmt: skip
+    assert not (tmp_path / "m.tflite").exists()
+
+
 def test_non_convmixer_model_is_rejected(tmp_path):
     import keras
 

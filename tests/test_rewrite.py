@@ -95,3 +95,15 @@ def test_int8_tflite_has_batch_norms_as_depthwise_convs():
     ]
     assert len(filters) == 2 * depth + 1
     assert all(len(t["quantization_parameters"]["scales"]) == 16 for t in filters)
+
+
+def test_int8_batch_norm_mul_keeps_the_converters_mul_add_and_is_smaller():
+    model = tiny_model()
+    depthwise = tflite.convert(model, "int8", calibration_images=pixels(16))
+    mul = tflite.convert(model, "int8", calibration_images=pixels(16), batch_norm="mul")
+    ops = tflite.summarize(mul).ops
+    assert ops.count("MUL") == 2 * 2 + 1 and ops.count("DEPTHWISE_CONV_2D") == 2
+    assert len(mul) < len(depthwise)
+    assert tflite.integer_problems(mul) == []
+    with pytest.raises(ValueError, match="batch_norm='scale'"):
+        tflite.convert(model, "int8", calibration_images=pixels(16), batch_norm="scale")
