@@ -359,4 +359,19 @@ def test_data_sharding_requires_ordered_pipeline():
     options.deterministic = False
     fast = fast.with_options(options)
     assert distribute.with_shard_policy(fast, "data").options().deterministic is True
+    assert distribute.with_shard_policy(fast, "data", workers=2).options().deterministic is True
     assert distribute.with_shard_policy(fast, "file").options().deterministic is False
+    # one process: nothing to keep disjoint, the maps stay unordered (faster)
+    assert distribute.with_shard_policy(fast, "data", workers=1).options().deterministic is False
+    assert distribute.num_workers(tf.distribute.get_strategy()) == 1
+
+
+def test_num_workers_counts_chief_and_workers():
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"chief": ["a:1"], "worker": ["b:1", "c:1"], "ps": ["d:1"]})
+    )
+
+    class _Strategy:
+        cluster_resolver = resolver
+
+    assert distribute.num_workers(_Strategy()) == 3

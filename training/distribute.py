@@ -405,13 +405,31 @@ def resolve_shard_policy(policy: str, image_folder: bool) -> str:
     return policy
 
 
-def with_shard_policy(dataset: tf.data.Dataset, policy: str) -> tf.data.Dataset:
+def num_workers(strategy: tf.distribute.Strategy | None) -> int:
+    """How many worker processes (chief included) run ``strategy``: 1 unless it has a cluster.
+
+    Example:
+        >>> num_workers(tf.distribute.get_strategy())
+        1
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(spec.get(job, [])) for job in ("chief", "worker")))
+
+
+def with_shard_policy(
+    dataset: tf.data.Dataset, policy: str, workers: int | None = None
+) -> tf.data.Dataset:
     """Sets how a multi-worker strategy splits ``dataset`` between workers.
 
     ``data``: every worker reads all files and keeps its 1/N of the elements (image files,
     small data); ``file``: each worker reads its own files (TFRecord / tfds shards, needs at
     least as many files as workers); ``auto``: FILE when possible, else DATA; ``off``: every
-    worker sees everything.
+    worker sees everything. ``workers`` (:func:`num_workers`): with DATA sharding and more than
+    one worker (or None: unknown) the pipeline is made ordered, see below; a single process
+    keeps its faster unordered maps.
 
     Example:
         >>> ds = with_shard_policy(tf.data.Dataset.range(8).batch(2), "data")
@@ -424,7 +442,7 @@ def with_shard_policy(dataset: tf.data.Dataset, policy: str) -> tf.data.Dataset:
         )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = SHARD_POLICIES[policy]
-    if policy == "data":
+    if policy == "data" and (workers is None or workers > 1):
         # DATA sharding keeps every N-th element of each worker's stream: the shards are
         # disjoint only if every worker produces the same order, so parallel maps must keep
         # their order (the training pipeline's maps follow this option; it wins over the

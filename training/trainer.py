@@ -218,11 +218,12 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     )
     if distribute.needs_static_shapes(strategy):
         distribute.check_static_shapes(train_ds)
-    train_ds = distribute.with_shard_policy(train_ds, shard_policy)
+    workers = distribute.num_workers(strategy)
+    train_ds = distribute.with_shard_policy(train_ds, shard_policy, workers)
     val_ds = None
     if config.val_split:
         val_ds, _ = augment.make_validation_dataset(config, len(class_names))
-        val_ds = distribute.with_shard_policy(val_ds, shard_policy)
+        val_ds = distribute.with_shard_policy(val_ds, shard_policy, workers)
     with strategy.scope():
         model = build_model(config, len(class_names), keras_module)
         compile_model(model, config, steps)
