@@ -110,12 +110,15 @@ class PerChannelGridQuantizer(_quantizers.Quantizer):
     For a weight whose output channels are the entries left after reducing ``reduce_axes``
     (a depthwise kernel ``(kh, kw, C, 1)``: ``(0, 1)``; a Dense kernel ``(in, out)``: ``(0,)``),
     each channel is rounded to steps of ``max|w_c| / 127`` in [-127, 127] (narrow range), with
-    a straight-through gradient. The converter quantizes DEPTHWISE_CONV_2D and FULLY_CONNECTED
-    weights per channel with exactly these scales, computed from the weights it is given; those
-    are already on the grid, so the .tflite computes with the fake-quant model's weights.
-    tfmot's per-axis quantizers keep one range per LAST axis: for a depthwise kernel that is one
-    range for the whole kernel (its last axis has size 1), and per-axis ranges on a Dense kernel
-    stop the converter ("'tfl.transpose' op has mismatched quantized axes").
+    a straight-through gradient. TFLite's int8 DEPTHWISE_CONV_2D and FULLY_CONNECTED take one
+    scale per output channel, but tfmot cannot express it for these layers: its per-axis
+    quantizers keep one range per LAST axis, i.e. one range for a whole depthwise kernel (last
+    axis of size 1; the .tflite then repeats one scale for every channel), and per-axis ranges
+    on a Dense kernel stop the converter ("'tfl.transpose' op has mismatched quantized axes").
+    This quantizer leaves no range variables: the converter computes each channel's scale from
+    the weights it is given, which are already on that grid, so the .tflite computes with
+    exactly the fake-quant weights (tested). Per-channel precision matters most for the
+    BatchNorms turned into 1x1 depthwise convs, whose multipliers differ by orders of magnitude.
     """
 
     def __init__(self, reduce_axes: Sequence[int]):
@@ -135,9 +138,6 @@ class PerChannelGridQuantizer(_quantizers.Quantizer):
 
     def __eq__(self, other):
         return type(self) is type(other) and self.reduce_axes == other.reduce_axes
-
-    def __ne__(self, other):
-        return not self == other
 
 
 class WeightsQuantizeConfig(OutputQuantizeConfig):
@@ -221,7 +221,8 @@ QUANTIZE_POLICY: dict[str, _Policy] = {
         WeightsQuantizeConfig, "depthwise_kernel", per_axis=True, grid_axes=(0, 1)
     ),
     "Activation": _Policy(OutputQuantizeConfig),
-    "BatchNormalization": _Policy(OutputQuantizeConfig),
+    # No BatchNormalization: quantize_model turns every BN into a 1x1 DepthwiseConv2D first
+    # (as MUL + ADD in the .tflite it would not match its fake quantization).
     "Add": _Policy(OutputQuantizeConfig),
     "GlobalAveragePooling2D": _Policy(OutputQuantizeConfig),
     "GlobalMaxPooling2D": _Policy(OutputQuantizeConfig),

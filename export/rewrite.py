@@ -247,6 +247,45 @@ def fold_preprocessing(model):
     return rebuild(model, fold_preprocessing=True)
 
 
+def _clone_replacing(model, replacement, load_replaced):
+    """Clones a Keras 3 or tf_keras functional model, swapping some layers.
+
+    ``replacement(layer)`` returns the new layer for ``layer`` or None (cloned as it is);
+    ``load_replaced(new, old)`` sets a new layer's weights from the old one's; every other layer
+    gets its source's weights.
+    """
+    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    replaced = set()
+
+    def _clone(layer):
+        new = replacement(layer)
+        if new is None:
+            return layer.__class__.from_config(layer.get_config())
+        replaced.add(layer.name)
+        return new
+
+    if module is keras:
+        # Keras 3 replays each node's call arguments (BatchNormalization's include `mask`,
+        # which the replacements do not take).
+        def _call(layer, *args, **kwargs):
+            if layer.name in replaced:
+                kwargs.pop("mask", None)
+            return layer(*args, **kwargs)
+
+        clone = keras.models.clone_model(model, clone_function=_clone, call_function=_call)
+    else:
+        clone = tf_keras.models.clone_model(model, clone_function=_clone)
+    for layer in clone.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name)
+        if layer.name in replaced:
+            load_replaced(layer, source)
+        else:
+            layer.set_weights(source.get_weights())
+    return clone
+
+
 def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> keras.Model:
     """Returns ``model`` with every depthwise conv larger than ``max_kernel`` tiled.
 
@@ -276,21 +315,14 @@ def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> ke
                 f"bias. Received: strides={layer.strides}, padding={layer.padding!r}"
             )
 
-    def _clone(layer):
+    def _replacement(layer):
         if layer.name in large:
             return TiledDepthwiseConv2D(layer.kernel_size[0], tile, name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
+        return None
 
-    tiled = keras.models.clone_model(model, clone_function=_clone)
-    for layer in tiled.layers:
-        if not layer.weights:
-            continue
-        weights = model.get_layer(layer.name).get_weights()
-        if isinstance(layer, TiledDepthwiseConv2D):
-            layer.set_kernel(*weights)
-        else:
-            layer.set_weights(weights)
-    return tiled
+    return _clone_replacing(
+        model, _replacement, lambda new, old: new.set_kernel(*old.get_weights())
+    )
 
 
 def batch_norm_as_depthwise(model):
@@ -325,35 +357,16 @@ def batch_norm_as_depthwise(model):
                 f"scale, center and the channel axis last. Received: axis={layer.axis}"
             )
 
-    def _clone(layer):
+    def _replacement(layer):
         if layer.name in norms:
             return module.layers.DepthwiseConv2D(1, use_bias=True, name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
+        return None
 
-    if module is keras:
-        # Keras 3 replays each node's call arguments; BatchNormalization's include `mask`,
-        # which DepthwiseConv2D does not take.
-        def _call(layer, *args, **kwargs):
-            if layer.name in norms:
-                kwargs.pop("mask", None)
-            return layer(*args, **kwargs)
-
-        converted = keras.models.clone_model(model, clone_function=_clone, call_function=_call)
-    else:
-        converted = tf_keras.models.clone_model(model, clone_function=_clone)
-    for layer in converted.layers:
-        if not layer.weights:
-            continue
-        source = model.get_layer(layer.name)
-        if layer.name not in norms:
-            layer.set_weights(source.get_weights())
-            continue
-        gamma, beta, mean, variance = (np.asarray(w, "float64") for w in source.get_weights())
-        scale = gamma / np.sqrt(variance + source.epsilon)
-        layer.set_weights(
-            [
-                scale.reshape(1, 1, -1, 1).astype("float32"),
-                (beta - mean * scale).astype("float32"),
-            ]
+    def _load(new, old):
+        gamma, beta, mean, variance = (np.asarray(w, "float64") for w in old.get_weights())
+        scale = gamma / np.sqrt(variance + old.epsilon)
+        new.set_weights(
+            [scale.reshape(1, 1, -1, 1).astype("float32"), (beta - mean * scale).astype("float32")]
         )
-    return converted
+
+    return _clone_replacing(model, _replacement, _load)

@@ -169,6 +169,11 @@ def convert(
                 f"{type(model).__name__} {getattr(model, 'name', '')!r}"
             )
         quantize.input_quantize_layer(model)  # ValueError if it is not a QAT model
+        if batch_norm != "depthwise":
+            raise ValueError(
+                "Format 'qat' computes its BatchNorms as depthwise convs, as its fake-quant "
+                f"model was fine-tuned. Received: batch_norm={batch_norm!r}"
+            )
     else:
         model = prepare_keras_model(
             model, fmt, depthwise_tile=depthwise_tile, batch_norm=batch_norm

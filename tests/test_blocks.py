@@ -78,6 +78,20 @@ def test_batch_norm_fused_statistics_with_a_large_mean():
     assert np.max(np.abs(unshifted.numpy() / expected - 1)) > 1e-2
 
 
+def test_fused_batch_norm_layer_shifts_by_its_moving_mean():
+    """The layer passes its moving mean as the shift: with a mean of 1000 its training output
+    equals Keras' (the unshifted one-pass variance would be off by far more)."""
+    x = tf.random.stateless_normal((64, 4, 4, 3), seed=(5, 6)) * [1.0, 2.0, 0.5] + 1000.0
+    weights = [np.ones(3), np.zeros(3), np.full(3, 999.0), np.ones(3)]
+    outputs = []
+    for layer_class in (blocks.batch_norm_layer_class(keras), keras.layers.BatchNormalization):
+        layer = layer_class(epsilon=1e-5, momentum=0.9)
+        layer.build(x.shape)
+        layer.set_weights([w.astype("float32") for w in weights])
+        outputs.append(np.asarray(layer(x, training=True)))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-3)
+
+
 def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
     k3 = convmixer_tf.ConvMixer(**tiny_kwargs)
     k2 = convmixer_tf.ConvMixer(**tiny_kwargs, keras_module="tf_keras")

@@ -95,11 +95,41 @@ def test_qat_tflite_is_fully_int8_and_agrees():
     differences = np.abs(out - fake_quant) / scale
     assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
     assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+    # depthwise (k x k and the BNs) and Dense weights: per-channel scales in the .tflite, and
+    # the .tflite computes with exactly the fake-quant model's weights
+    tensors = TFLiteClassifier(blob).interpreter
+    checked = 0
+    for wrapper in batch1.layers:
+        layer = getattr(wrapper, "layer", None)
+        if type(layer).__name__ not in ("DepthwiseConv2D", "Dense"):
+            continue
+        # the kernel as the fake-quant model computes with it (tfmot keeps no public handle)
+        ((kernel, quantizer, quantizer_vars),) = wrapper._weight_vars  # noqa: SLF001
+        fake = quantizer(kernel, False, quantizer_vars).numpy()
+        expected = fake.reshape(-1, fake.shape[-2] * fake.shape[-1]) if fake.ndim == 4 else fake
+        matches = [
+            t for t in tensors.get_tensor_details()
+            if t["dtype"] == np.int8 and wrapper.name + "/" in t["name"]
+            and len(t["quantization_parameters"]["scales"]) > 1
+        ]  # fmt: skip
+        assert matches, wrapper.name
+        tensor = matches[0]
+        values = tensors.get_tensor(tensor["index"]).astype("float32")
+        scales = tensor["quantization_parameters"]["scales"]
+        # truly per channel (tfmot's own quantizers give these layers one shared scale)
+        assert len(np.unique(scales)) == len(scales), wrapper.name
+        if fake.ndim == 4:  # TFLite depthwise filter (1, k, k, C): channels last
+            dequantized = (values * scales).reshape(-1, values.shape[-1])
+        else:  # FULLY_CONNECTED (out, in): channels first
+            dequantized = (values * scales[:, None]).T
+        np.testing.assert_allclose(dequantized, expected, rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked == 2 * 3 + 1 + 1  # per block: k x k conv + 2 BNs; the stem BN; the head
 
 
 def test_depthwise_weights_sit_on_the_converters_per_channel_grid():
-    """Each channel of a depthwise kernel is rounded to max|w_c| / 127 steps (TFLite's own
-    per-channel scales); tfmot's per-axis quantizers would use one range for the whole kernel."""
+    """Each channel of a depthwise kernel is rounded to its own max|w_c| / 127 steps (TFLite's
+    per-channel scales); tfmot's per-axis quantizers use one range for the whole kernel."""
     assert quantize.QUANTIZE_POLICY["DepthwiseConv2D"].make().get_config()["grid_axes"] == [0, 1]
     quantizer = quantize.PerChannelGridQuantizer((0, 1))
     rng = np.random.default_rng(0)
@@ -116,3 +146,9 @@ def test_depthwise_weights_sit_on_the_converters_per_channel_grid():
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(quantizer(variable, training=True, weights={}) * 2.0)
     np.testing.assert_array_equal(tape.gradient(loss, variable), np.full_like(kernel, 2.0))
+
+
+def test_qat_conversion_rejects_batch_norm_mul():
+    qat_model = quantize.rebatch_qat_model(quantize.quantize_model(tiny_model()))
+    with pytest.raises(ValueError, match="batch_norm='mul'"):
+        tflite.convert(qat_model, "qat", calibration_images=pixels(4), batch_norm="mul")

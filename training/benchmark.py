@@ -75,11 +75,8 @@ def forward_macs(model) -> int:
     """
     total = 0
     for layer in model.layers:
-        # By class, subclasses included (the Keras 3 blocks' PointwiseConv2D is a Conv2D; a
-        # tf_keras DepthwiseConv2D is one too, so it is matched first).
-        ancestors = {cls.__name__ for cls in type(layer).__mro__}
-        kind = next((k for k in ("DepthwiseConv2D", "Conv2D", "Dense") if k in ancestors), None)
-        if kind is None:
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
             continue
         config = layer.get_config()
         if max(config.get("dilation_rate", (1, 1))) > 1 or config.get("groups", 1) != 1:
