@@ -25,6 +25,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
+import flatbuffers
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -141,8 +142,9 @@ def convert(
         batch_norm: int8 only, see :data:`BATCH_NORM_MODES` and :func:`prepare_keras_model`.
 
     Returns:
-        The .tflite file's bytes. int8/qat results are checked to be fully integer (RuntimeError
-        otherwise).
+        The .tflite file's bytes, each distinct quantization vector stored once
+        (:func:`share_quantization_vectors`). int8/qat results are checked to be fully integer
+        (RuntimeError otherwise).
 
     Example:
         >>> import convmixer_tf
@@ -199,12 +201,56 @@ def convert(
         if problems:
             raise RuntimeError(f"The {fmt} model is not fully integer: {'; '.join(problems)}")
     if class_names is not None:
-        blob = add_labels(blob, class_names)
-    return blob
+        return add_labels(blob, class_names)  # re-serializes with shared vectors
+    return share_quantization_vectors(blob)
 
 
 def _model_object(blob: bytes):
     return flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+
+
+class _SharingBuilder(flatbuffers.Builder):
+    """A flatbuffers builder that writes each distinct float32 / int64 vector once.
+
+    These are the quantization vectors: per-channel scales (float32) and zero points (int64).
+    Every per-channel int8 weight and int32 bias carries one zero point per channel, all 0, so
+    the converter's output repeats the same 2 KiB of int64 zeros for every 256-channel tensor
+    (137 KB of an 858 KB ConvMixer-256/8 int8 file). A flatbuffer may point several tables at
+    one vector (it is read-only; the builder writes back to front, so an earlier vector lies
+    ahead of every later reference), which is what flatbuffers' own ``CreateSharedString`` does.
+    Weight buffers (uint8) are never shared.
+    """
+
+    _SHARED_KINDS = ("<f4", "<i8")
+
+    def __init__(self, initial_size: int = 1024):
+        super().__init__(initial_size)
+        self._vectors: dict[tuple[str, bytes], int] = {}
+
+    def CreateNumpyVector(self, x):  # noqa: N802 (flatbuffers' name)
+        if not isinstance(x, np.ndarray) or x.dtype.str not in self._SHARED_KINDS:
+            return super().CreateNumpyVector(x)
+        key = (x.dtype.str, x.tobytes())
+        if key not in self._vectors:
+            self._vectors[key] = super().CreateNumpyVector(x)
+        return self._vectors[key]
+
+
+def _model_bytes(model) -> bytes:
+    """Serializes a model object (flatbuffer_utils' object API) with shared vectors."""
+    builder = _SharingBuilder()
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def share_quantization_vectors(blob: bytes) -> bytes:
+    """The same model with each distinct quantization vector stored once (a smaller file).
+
+    The graph, weights and quantization parameters are unchanged (the interpreter's outputs are
+    identical); see :class:`_SharingBuilder`. Measured on ConvMixer-256/8 (k5 p2) int8: 858,160 ->
+    718,984 bytes, 0.357x -> 0.299x of the fp32 file (2,405,232 bytes, unchanged by this).
+    """
+    return _model_bytes(_model_object(blob))
 
 
 def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
@@ -238,7 +284,7 @@ def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
             bias.quantization.scale = [
                 float(s) * scale / old_scale for s in bias.quantization.scale
             ]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return _model_bytes(model)
 
 
 def add_labels(blob: bytes, class_names: Sequence[str]) -> bytes:
@@ -251,7 +297,7 @@ def add_labels(blob: bytes, class_names: Sequence[str]) -> bytes:
     entry.name = LABELS_METADATA
     entry.buffer = len(model.buffers) - 1
     model.metadata = [m for m in (model.metadata or []) if m.name != LABELS_METADATA] + [entry]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return _model_bytes(model)
 
 
 def read_labels(blob: bytes) -> list[str] | None:

@@ -133,3 +133,39 @@ def test_write_atomic_replaces_without_leftovers(tmp_path):
     assert path.read_bytes() == b"second"
     assert os.listdir(path.parent) == ["model.tflite"]
     assert tflite.labels_path(path).endswith("model.labels.txt")
+
+
+def _zero_point_vectors(blob: bytes) -> list[tuple[int, bytes]]:
+    """(position in the file, contents) of every tensor's zero-point vector."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    graph = schema.Model.GetRootAs(blob, 0).Subgraphs(0)
+    found = []
+    for i in range(graph.TensorsLength()):
+        q = graph.Tensors(i).Quantization()
+        if q is None or q.ZeroPointLength() == 0:
+            continue
+        found.append((q._tab.Vector(q._tab.Offset(10)), q.ZeroPointAsNumpy().tobytes()))
+    return found
+
+
+def test_quantization_vectors_are_stored_once(images, int8_blob):
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    # The converter's layout: one copy of the zero points per tensor.
+    plain = bytes(
+        flatbuffer_utils.convert_object_to_bytearray(
+            flatbuffer_utils.convert_bytearray_to_object(bytearray(int8_blob))
+        )
+    )
+    shared = _zero_point_vectors(int8_blob)
+    per_channel = [v for _, v in shared if len(v) == 8 * 16]  # 16 channels, all zero points 0
+    assert len(per_channel) >= 10
+    # each distinct vector is stored once, and the file shrinks by the copies left out
+    assert len({pos for pos, _ in shared}) == len({v for _, v in shared})
+    assert len(plain) - len(int8_blob) >= (len(per_channel) - 1) * 8 * 16
+    assert len({pos for pos, _ in _zero_point_vectors(plain)}) == len(shared)
+    # and the interpreter computes exactly the same
+    np.testing.assert_array_equal(
+        TFLiteClassifier(int8_blob).predict(images), TFLiteClassifier(plain).predict(images)
+    )
