@@ -1,0 +1,135 @@
+"""Where the batch-1 .tflite time of a ConvMixer goes: the model against its parts.
+
+Times, in one run with interleaved repeats, the fp32 and int8 .tflite of
+- ``gelu``: the ConvMixer as exported (GELU);
+- ``relu``: the same with ReLU (XNNPACK fuses it into the convs; int8 is one partition);
+- ``convs``: the convolutions alone (stem, depthwise + residual add, pointwise, head), no
+  activation and no BatchNorm: what the MAC bound counts,
+and reports each latency over the bound ``2 * MACs / peak`` (numpy float32 matmul peak, same
+thread count, measured before and after) and int8 over fp32. The differences between the rows
+are the cost of GELU and of the BatchNorms, which the MAC bound does not count.
+
+Example::
+
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/tflite_breakdown.py --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import convmixer_tf  # noqa: E402
+from export import tflite  # noqa: E402
+from export.benchmark import (  # noqa: E402
+    count_macs,
+    latency_ms,
+    matmul_peak_gflops,
+    xnnpack_partitions,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--kernel-size", type=int, default=5)
+    parser.add_argument("--patch-size", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=20, help="invocations per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurements")
+    return parser.parse_args(argv)
+
+
+def with_batch_norm_statistics(model, seed: int = 0):
+    """Non-trivial BatchNorm statistics (a trained model's BNs are not identities)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.name.endswith("_bn"):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                 rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)]
+            )  # fmt: skip
+    return model
+
+
+def convs_only(args):
+    """The ConvMixer's convolutions and residual adds alone (batch 1, raw converter input)."""
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((args.image_size, args.image_size, 3), batch_size=1)
+    x = layers.Conv2D(args.dim, args.patch_size, strides=args.patch_size)(inputs)
+    for _ in range(args.depth):
+        x = layers.Add()([layers.DepthwiseConv2D(args.kernel_size, padding="same")(x), x])
+        x = layers.Conv2D(args.dim, 1)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(10)(x))
+
+
+def convert_plain(model, fmt: str, images: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if fmt == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = tflite.representative_dataset(images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    size = args.image_size
+    images = np.random.default_rng(1).uniform(0, 255, (64, size, size, 3)).astype("float32")
+    arch = dict(dim=args.dim, depth=args.depth, kernel_size=args.kernel_size,
+                patch_size=args.patch_size, input_shape=(size, size, 3), num_classes=10)  # fmt: skip
+    macs = count_macs(convmixer_tf.ConvMixer(**arch))
+    blobs = {}
+    for activation in ("gelu", "relu"):
+        model = with_batch_norm_statistics(convmixer_tf.ConvMixer(**arch, activation=activation))
+        for fmt in ("fp32", "int8"):
+            blobs[(activation, fmt)] = tflite.convert(model, fmt, calibration_images=images)
+    plain = convs_only(args)
+    for fmt in ("fp32", "int8"):
+        blobs[("convs", fmt)] = convert_plain(plain, fmt, images)
+
+    peaks = {t: [matmul_peak_gflops(t)] for t in args.threads}
+    times = {(key, t): [] for key in blobs for t in args.threads}
+    for _ in range(args.rounds):
+        for t in args.threads:
+            for key, blob in blobs.items():
+                times[(key, t)].append(latency_ms(blob, t, repeats=args.repeats))
+    for t in args.threads:
+        peaks[t].append(matmul_peak_gflops(t))
+
+    rows = []
+    for t in args.threads:
+        peak = max(peaks[t])
+        bound_ms = 2 * macs / (peak * 1e9) * 1e3
+        for (variant, fmt), blob in blobs.items():
+            ms = float(np.median(times[((variant, fmt), t)]))
+            fp32 = float(np.median(times[((variant, "fp32"), t)]))
+            rows.append(
+                dict(variant=variant, format=fmt, threads=t, ms=round(ms, 3),
+                     over_bound=round(ms / bound_ms, 3), over_fp32=round(ms / fp32, 3),
+                     partitions=xnnpack_partitions(blob, t), peak_gflops=round(peak, 1),
+                     peaks_measured=[round(p, 1) for p in peaks[t]], bound_ms=round(bound_ms, 3))
+            )  # fmt: skip
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
