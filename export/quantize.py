@@ -401,7 +401,71 @@ def finetune(
         metrics=["accuracy"],
     )
     history = qat_model.fit(dataset.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+    snap_biases(qat_model)
     return {key: float(values[-1]) for key, values in history.history.items()}
+
+
+def _output_scale(layer) -> float:
+    """The int8 scale TFLite gives the output of a QAT layer: (max - min) / 255 of its output
+    quantizer's range, widened to contain 0 as the converter does."""
+    low = high = None
+    if isinstance(layer, QuantizeLayer):
+        suffixes = ("_min:0", "_max:0")
+    else:
+        suffixes = ("output_min:0", "output_max:0")
+    for weight in layer.weights:
+        if weight.name.endswith(suffixes[0]):
+            low = float(weight.numpy())
+        elif weight.name.endswith(suffixes[1]):
+            high = float(weight.numpy())
+    if low is None or high is None:
+        raise ValueError(
+            f"Layer {layer.name!r} has no output quantizer: its int8 scale is unknown."
+        )
+    return (max(high, 0.0) - min(low, 0.0)) / 255.0
+
+
+def _kernel_scales(wrapper) -> np.ndarray:
+    """Per-output-channel int8 scales of a wrapped layer's kernel, as the converter derives them."""
+    for weight, quantizer, variables in wrapper._weight_vars:  # noqa: SLF001 (tfmot's own list)
+        if isinstance(quantizer, PerChannelGridQuantizer):
+            # The converter re-derives max|w_c| / 127 from the (on-grid) fake-quant weights.
+            return np.max(np.abs(weight.numpy()), axis=quantizer.reduce_axes).ravel() / 127.0
+        if "min_var" in variables:
+            low = np.asarray(variables["min_var"].numpy(), "float64")
+            high = np.asarray(variables["max_var"].numpy(), "float64")
+            levels = 2**quantizer.num_bits - (2 if quantizer.narrow_range else 1)
+            return np.ravel((high - low) / levels)
+    raise ValueError(f"Layer {wrapper.name!r} has no quantized kernel.")
+
+
+def snap_biases(qat_model: tf_keras.Model) -> dict[str, float]:
+    """Puts every bias of a QAT model on the int32 grid the converter quantizes it to.
+
+    TFLite stores a conv/dense bias as int32 in steps of ``input_scale * weight_scale[c]``;
+    fake quantization leaves it float. The difference (up to half a step: 0.005 on a
+    ConvMixer-256/8 BatchNorm-as-depthwise bias) moves rounding decisions of the next int8
+    output, so the .tflite and the fake-quant model drift apart through the blocks. After
+    snapping, the fake-quant model adds exactly the bias the .tflite adds. :func:`finetune`
+    calls it at the end; call it again after any other training of the QAT model. Idempotent.
+
+    Returns the largest bias change per layer.
+
+    Example:
+        >>> # snap_biases(qat_model)  -> {"quant_stem_conv": 7.5e-06, ...}
+    """
+    changes = {}
+    for wrapper in qat_model.layers:
+        bias = getattr(getattr(wrapper, "layer", None), "bias", None)
+        if bias is None:
+            continue
+        (inbound,) = tf.nest.flatten(wrapper.inbound_nodes[0].inbound_layers)
+        step = _output_scale(inbound) * _kernel_scales(wrapper)
+        values = bias.numpy().astype("float64")
+        snapped = (np.round(values / step) * step).astype("float32")
+        changes[wrapper.name] = float(np.max(np.abs(snapped - values)))
+        bias.assign(snapped)
+    return changes
 
 
 def predict_logits(model, images: np.ndarray | Sequence, batch_size: int = 64) -> np.ndarray:

@@ -125,6 +125,26 @@ def test_qat_tflite_is_fully_int8_and_agrees():
         np.testing.assert_allclose(dequantized, expected, rtol=1e-5, atol=1e-6)
         checked += 1
     assert checked == 2 * 3 + 1 + 1  # per block: k x k conv + 2 BNs; the stem BN; the head
+    # every bias: the fake-quant model adds exactly the .tflite's int32 bias (finetune snaps them
+    # to the input_scale x weight_scale grid; unsnapped they differ by up to half a step)
+    snapped = 0
+    for wrapper in batch1.layers:
+        bias = getattr(getattr(wrapper, "layer", None), "bias", None)
+        if bias is None:
+            continue
+        (tensor,) = [
+            t for t in tensors.get_tensor_details()
+            if t["dtype"] == np.int32 and f"/{wrapper.name}/BiasAdd" in t["name"]
+        ]  # fmt: skip
+        dequantized = tensors.get_tensor(tensor["index"]) * tensor["quantization_parameters"][
+            "scales"
+        ].astype("float64")
+        np.testing.assert_allclose(
+            bias.numpy(), dequantized, rtol=1e-6, atol=0, err_msg=wrapper.name
+        )
+        snapped += 1
+    assert snapped == 1 + 1 + 2 * 4 + 1  # stem conv and BN, per block 2 convs + 2 BNs, head
+    assert max(quantize.snap_biases(qat_model).values()) == 0  # idempotent
 
 
 def test_depthwise_weights_sit_on_the_converters_per_channel_grid():
