@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if batches < 0:
                 raise SystemExit("error: the dataset size is unknown: use --qat-steps.")
             steps = max(1, math.ceil(args.qat_epochs * batches))
-        qat_model = quantize.quantize_model(model, batch_size=None)
+        qat_model = quantize.quantize_model(model, calibration_images=calibration)
         fine_tune = quantize.finetune(
             qat_model, train_ds, steps=steps, learning_rate=args.qat_lr, verbose=2
         )

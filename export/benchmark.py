@@ -175,7 +175,7 @@ def benchmark_formats(model, args) -> dict:
     qat_model = None
     if have_data and args.qat_steps:
         start = time.perf_counter()
-        qat_model = quantize.quantize_model(model)
+        qat_model = quantize.quantize_model(model, calibration_images=calibration)
         train_ds, _ = _load_split(args, image_size, "train", None, shuffle=True,
                                   batch_size=args.qat_batch_size)  # fmt: skip
         fit = quantize.finetune(

@@ -172,3 +172,35 @@ def test_qat_conversion_rejects_batch_norm_mul():
     qat_model = quantize.rebatch_qat_model(quantize.quantize_model(tiny_model()))
     with pytest.raises(ValueError, match="batch_norm='mul'"):
         tflite.convert(qat_model, "qat", calibration_images=pixels(4), batch_norm="mul")
+
+
+def test_calibration_sets_every_range_before_fine_tuning():
+    model = tiny_model()
+    images = pixels(24)
+    qat_model = quantize.quantize_model(model, calibration_images=images)
+    # the float model QAT was built from, probed independently
+    float_model = rewrite.batch_norm_as_depthwise(
+        rewrite.rebuild(model, keras_module="tf_keras", fold_preprocessing=True)
+    )
+    checked = 0
+    for wrapper in qat_model.layers:
+        variables = {w.name.rsplit("/", 1)[-1]: w.numpy() for w in wrapper.weights}
+        if "output_min:0" not in variables:
+            continue
+        layer = float_model.get_layer(wrapper.layer.name)
+        out = tf_keras.Model(float_model.inputs, layer.output)(images).numpy()
+        np.testing.assert_allclose(variables["output_min:0"], min(out.min(), 0.0), rtol=1e-5)
+        np.testing.assert_allclose(variables["output_max:0"], max(out.max(), 0.0), rtol=1e-5)
+        if "kernel_max:0" in variables:  # per-channel symmetric conv weights: +-max|w_c|
+            kernel = wrapper.layer.kernel.numpy()
+            channel_max = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+            np.testing.assert_allclose(variables["kernel_max:0"], channel_max, rtol=1e-6)
+            np.testing.assert_allclose(variables["kernel_min:0"], -channel_max, rtol=1e-6)
+        checked += 1
+    assert checked == 3 + 2 * 7 + 2  # stem (conv, act, BN), per block 7, pooling and head
+    # so the fake-quant model is already close to the float one before any fine-tuning
+    fake_quant, ref = keras_logits(qat_model, images), keras_logits(model, images)
+    assert np.abs(fake_quant - ref).max() <= 0.1 * np.abs(ref).max()
+    assert (fake_quant.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    with pytest.raises(ValueError, match="Calibration images"):
+        quantize.quantize_model(model, calibration_images=np.zeros((0, 16, 16, 3)))
