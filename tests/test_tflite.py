@@ -135,36 +135,44 @@ def test_write_atomic_replaces_without_leftovers(tmp_path):
     assert tflite.labels_path(path).endswith("model.labels.txt")
 
 
-def _zero_point_vectors(blob: bytes) -> list[tuple[int, bytes]]:
-    """(position in the file, contents) of every tensor's zero-point vector."""
+def _vectors(blob: bytes, field: str) -> list[tuple[int, bytes]]:
+    """(position in the file, contents) of every tensor's zero-point or shape vector."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     graph = schema.Model.GetRootAs(blob, 0).Subgraphs(0)
     found = []
     for i in range(graph.TensorsLength()):
-        q = graph.Tensors(i).Quantization()
-        if q is None or q.ZeroPointLength() == 0:
+        tensor = graph.Tensors(i)
+        table = tensor.Quantization() if field == "zero_point" else tensor
+        if table is None:
             continue
-        found.append((q._tab.Vector(q._tab.Offset(10)), q.ZeroPointAsNumpy().tobytes()))
+        # vtable slots of the schema: QuantizationParameters.zero_point, Tensor.shape
+        slot = table._tab.Offset(10 if field == "zero_point" else 4)
+        if slot == 0:
+            continue
+        values = table.ZeroPointAsNumpy() if field == "zero_point" else tensor.ShapeAsNumpy()
+        found.append((table._tab.Vector(slot), values.tobytes()))
     return found
 
 
-def test_quantization_vectors_are_stored_once(images, int8_blob):
+def test_repeated_vectors_are_stored_once(images, int8_blob):
     from tensorflow.lite.tools import flatbuffer_utils
 
-    # The converter's layout: one copy of the zero points per tensor.
+    # The converter's layout: one copy of the zero points and the shape per tensor.
     plain = bytes(
         flatbuffer_utils.convert_object_to_bytearray(
             flatbuffer_utils.convert_bytearray_to_object(bytearray(int8_blob))
         )
     )
-    shared = _zero_point_vectors(int8_blob)
-    per_channel = [v for _, v in shared if len(v) == 8 * 16]  # 16 channels, all zero points 0
+    zero_points = _vectors(int8_blob, "zero_point")
+    per_channel = [v for _, v in zero_points if len(v) == 8 * 16]  # 16 channels, all 0
     assert len(per_channel) >= 10
     # each distinct vector is stored once, and the file shrinks by the copies left out
-    assert len({pos for pos, _ in shared}) == len({v for _, v in shared})
+    for field in ("zero_point", "shape"):
+        shared = _vectors(int8_blob, field)
+        assert len({pos for pos, _ in shared}) == len({v for _, v in shared}), field
+        assert len({pos for pos, _ in _vectors(plain, field)}) == len(shared), field
     assert len(plain) - len(int8_blob) >= (len(per_channel) - 1) * 8 * 16
-    assert len({pos for pos, _ in _zero_point_vectors(plain)}) == len(shared)
     # and the interpreter computes exactly the same
     np.testing.assert_array_equal(
         TFLiteClassifier(int8_blob).predict(images), TFLiteClassifier(plain).predict(images)
