@@ -92,8 +92,14 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     size = args.image_size
     images = np.random.default_rng(1).uniform(0, 255, (64, size, size, 3)).astype("float32")
-    arch = dict(dim=args.dim, depth=args.depth, kernel_size=args.kernel_size,
-                patch_size=args.patch_size, input_shape=(size, size, 3), num_classes=10)  # fmt: skip
+    arch = dict(
+        dim=args.dim,
+        depth=args.depth,
+        kernel_size=args.kernel_size,
+        patch_size=args.patch_size,
+        input_shape=(size, size, 3),
+        num_classes=10,
+    )
     macs = count_macs(convmixer_tf.ConvMixer(**arch))
     blobs = {}
     for activation in ("gelu", "relu"):
