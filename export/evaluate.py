@@ -126,14 +126,25 @@ def evaluate(
 
 
 def load_keras_model(path: str | os.PathLike):
-    """Loads a ``.keras`` file (Keras 3), with the export's custom layers registered."""
-    import keras
+    """Loads a ``.keras`` ConvMixer as a Keras 3 model, the input of every export.
 
-    from export import rewrite  # noqa: F401  (registers TiledDepthwiseConv2D)
+    Files saved by Keras 3 load as they are; files saved by tf_keras (multi-worker training
+    runs through tf_keras, keras-team/keras#20585) are loaded with tf_keras and rebuilt as the
+    same Keras 3 model with the same weights (:func:`export.rewrite.rebuild`). ValueError for a
+    missing or unreadable file.
 
-    if not os.path.exists(path):
-        raise ValueError(f"Keras model file not found: {os.fspath(path)!r}")
-    return keras.saving.load_model(os.fspath(path), compile=False)
+    Example:
+        >>> # load_keras_model("runs/cifar10_convmixer_256_8/model.keras")
+    """
+    import tf_keras
+
+    from export import rewrite  # also registers TiledDepthwiseConv2D
+    from training.evaluate import load_model
+
+    model = load_model(os.fspath(path))
+    if isinstance(model, tf_keras.Model):
+        model = rewrite.rebuild(model, keras_module="keras")
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,3 +58,22 @@ def test_cli_prints_json(model, fp32_blob, tmp_path, cifar10_train_dir, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result and result["n"] == 20
     assert result["agreement"] == 100.0 and result["top1"] == result["keras_top1"]
+
+
+def test_models_saved_by_either_keras_load_as_keras_3(model, tmp_path):
+    import keras
+
+    from export import quantize
+
+    images = pixels(4)
+    tf_keras_model = quantize.to_tf_keras(model)  # as a multi-worker (tf_keras) run saves it
+    tf_keras_model.save(tmp_path / "tf_keras.keras")
+    model.save(tmp_path / "keras3.keras")
+    for name in ("tf_keras.keras", "keras3.keras"):
+        loaded = evaluate.load_keras_model(tmp_path / name)
+        assert isinstance(loaded, keras.Model), name
+        np.testing.assert_allclose(
+            keras_logits(loaded, images), keras_logits(model, images), rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="not found"):
+        evaluate.load_keras_model(tmp_path / "missing.keras")
