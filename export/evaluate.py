@@ -148,51 +148,26 @@ def load_keras_model(path: str | os.PathLike):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.data import add_evaluation_data_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m export.evaluate", description="Top-1 of a .tflite ConvMixer."
     )
     parser.add_argument("--tflite", required=True, help="the .tflite file")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
-    source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
-    parser.add_argument("--tfds-data-dir", default=None)
-    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
-    parser.add_argument("--limit-per-class", type=int, default=None)
     parser.add_argument("--keras", default=None, help="the .keras model to compare with")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64, help="data loading batch size")
-    parser.add_argument(
-        "--crop-pct",
-        type=float,
-        default=1.0,
-        help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
-    )
-    parser.add_argument(
-        "--interpolation",
-        default="bilinear",
-        help="resize interpolation (bicubic for the ImageNet presets)",
-    )
+    add_evaluation_data_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; prints and returns the JSON result."""
     args = build_parser().parse_args(argv)
-    from training.data import load_dataset
+    from training.data import evaluation_data_kwargs, load_dataset
 
     classifier = TFLiteClassifier(args.tflite)
     height, width = (int(d) for d in classifier.input["shape"][1:3])
-    dataset, _ = load_dataset(
-        data_dir=args.data_dir,
-        dataset=args.dataset,
-        tfds_data_dir=args.tfds_data_dir,
-        split=args.split,
-        image_size=(height, width),
-        batch_size=args.batch_size,
-        limit_per_class=args.limit_per_class,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-    )
+    dataset, _ = load_dataset(image_size=(height, width), **evaluation_data_kwargs(args))
     keras_model = load_keras_model(args.keras) if args.keras else None
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,

@@ -77,3 +77,16 @@ def test_models_saved_by_either_keras_load_as_keras_3(model, tmp_path):
         )
     with pytest.raises(ValueError, match="not found"):
         evaluate.load_keras_model(tmp_path / "missing.keras")
+
+
+def test_cli_holds_out_the_fraction_training_held_out(fp32_blob, tmp_path, cifar10_train_dir):
+    # a small image folder: 2 classes x 10 images, linked from the shared data
+    for name in ("airplane", "automobile"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for image in sorted((cifar10_train_dir / name).iterdir())[:10]:
+            (tmp_path / "data" / name / image.name).symlink_to(image)
+    tflite_path = tmp_path / "model.tflite"
+    tflite_path.write_bytes(fp32_blob)
+    base = ["--tflite", str(tflite_path), "--data-dir", str(tmp_path / "data")]
+    assert evaluate.main(base)["n"] == 2 * 1  # default 0.1: the last image of each class
+    assert evaluate.main([*base, "--validation-fraction", "0.5"])["n"] == 2 * 5

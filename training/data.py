@@ -383,6 +383,49 @@ def resize_image(
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
+    """Adds the options of an evaluation CLI that feed :func:`load_dataset`.
+
+    ``--data-dir`` or ``--dataset`` (one is required), ``--tfds-data-dir``, ``--split``,
+    ``--validation-fraction``, ``--limit-per-class``, ``--batch-size``, ``--crop-pct`` and
+    ``--interpolation``; :func:`evaluation_data_kwargs` turns them into keyword arguments.
+    """
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
+    source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
+    parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir")
+    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1,
+        help="image folders: the share of each class held out as 'validation' (as in training)",
+    )  # fmt: skip
+    parser.add_argument("--limit-per-class", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    parser.add_argument(
+        "--crop-pct", type=float, default=1.0,
+        help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--interpolation", default="bilinear",
+        help="resize interpolation (bicubic for the ImageNet presets)",
+    )  # fmt: skip
+
+
+def evaluation_data_kwargs(args) -> dict:
+    """:func:`load_dataset` keyword arguments from :func:`add_evaluation_data_arguments`."""
+    return dict(
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        tfds_data_dir=args.tfds_data_dir,
+        split=args.split,
+        validation_fraction=args.validation_fraction,
+        limit_per_class=args.limit_per_class,
+        batch_size=args.batch_size,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+    )
+
+
 def load_dataset(
     *,
     data_dir: str | None = None,

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from training.data import add_evaluation_data_arguments, evaluation_data_kwargs, load_dataset
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,17 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
     )
     parser.add_argument("--model", required=True, help="a .keras file")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
-    source.add_argument("--dataset", help="TFDS dataset name, e.g. cifar10")
-    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
-    parser.add_argument("--tfds-data-dir", help="TFDS data_dir")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--image-size", type=int, help="default: the model's input size")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--crop-pct", type=float, default=1.0)
-    parser.add_argument("--interpolation", default="bilinear")
-    parser.add_argument("--limit-per-class", type=int)
+    add_evaluation_data_arguments(parser, batch_size=100)
     return parser
 
 
@@ -127,25 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: bad arguments or files)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = _parser().parse_args(argv)
-    from training.data import load_dataset
-
     try:
         model = load_model(args.model)
         image_size = args.image_size or model.input_shape[1]
         if image_size is None:
             raise ValueError("The model has no fixed input size: give --image-size.")
-        dataset, class_names = load_dataset(
-            data_dir=args.data_dir,
-            dataset=args.dataset,
-            split=args.split,
-            image_size=image_size,
-            batch_size=args.batch_size,
-            tfds_data_dir=args.tfds_data_dir,
-            validation_fraction=args.validation_fraction,
-            limit_per_class=args.limit_per_class,
-            crop_pct=args.crop_pct,
-            interpolation=args.interpolation,
-        )
+        dataset, class_names = load_dataset(image_size=image_size, **evaluation_data_kwargs(args))
         result = evaluate(model, dataset, class_names)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
