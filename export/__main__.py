@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use at most this many training images per class")  # fmt: skip
     parser.add_argument(
         "--depthwise-tile", default="auto",
-        help="auto (3x3 tiles for kernels > 5 in float formats), none, or a tile size",
+        help="auto (3x3 tiles for kernels > 5; not for qat), none, or a tile size",
     )  # fmt: skip
     parser.add_argument(
         "--batch-norm", choices=("depthwise", "mul"), default="depthwise",

@@ -290,7 +290,8 @@ def plot(summary: dict, path: str) -> None:
 
 
 def benchmark_imagenet_variants(args) -> list[dict]:
-    """fp32 latency of ConvMixer-1024/20 at 224 with kernel 9 and 7: plain vs tiled depthwise."""
+    """Latency of ConvMixer-1024/20 at 224 with kernel 9 and 7: plain vs tiled depthwise, fp32
+    and int8 (calibrated on random pixels: random weights, for latency only)."""
     import convmixer_tf
     from export import rewrite, tflite
     from export.evaluate import TFLiteClassifier
@@ -302,26 +303,27 @@ def benchmark_imagenet_variants(args) -> list[dict]:
         arch = rewrite.convmixer_arguments(model)
         size = int(arch["input_shape"][0])
         probe = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
-        for tile in (None, 5, 3):
-            blob = tflite.convert(model, "fp32", depthwise_tile=tile)
-            out = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
-            if reference is None:
-                reference = out
+        calibration = np.random.default_rng(1).uniform(0, 255, (8, size, size, 3))
+        for fmt, tile in (("fp32", None), ("fp32", 5), ("fp32", 3), ("int8", None), ("int8", 3)):
+            blob = tflite.convert(model, fmt, depthwise_tile=tile, calibration_images=calibration)
             row = {
-                "model": args.imagenet_preset, "kernel": kernel,
+                "model": args.imagenet_preset, "kernel": kernel, "format": fmt,
                 "depthwise": "plain" if tile is None else f"{tile}x{tile} tiles",
                 "latency_ms": latency_ms(blob, args.threads, repeats=args.repeats, warmup=2),
-                "max_rel_diff_vs_plain": float(
-                    np.abs(out - reference).max() / np.abs(reference).max()
-                ),
                 "partitions": xnnpack_partitions(blob),
             }  # fmt: skip
+            if fmt == "fp32":
+                out = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
+                reference = out if reference is None else reference
+                row["max_rel_diff_vs_plain"] = float(
+                    np.abs(out - reference).max() / np.abs(reference).max()
+                )
             print(json.dumps(row))
             rows.append(row)
         torch_ms = torch_eager_ms(args.torch_python, arch, size, args.threads, args.repeats)
         if torch_ms is not None:
-            row = {"model": args.imagenet_preset, "kernel": kernel, "depthwise": "PyTorch eager",
-                   "latency_ms": torch_ms}  # fmt: skip
+            row = {"model": args.imagenet_preset, "kernel": kernel, "format": "fp32",
+                   "depthwise": "PyTorch eager", "latency_ms": torch_ms}  # fmt: skip
             print(json.dumps(row))
             rows.append(row)
     return rows
@@ -362,14 +364,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     if args.imagenet_variants:
         rows = benchmark_imagenet_variants(args)
-        lines = [f"Machine: {args.machine}. fp32, batch 1, {args.threads} threads, median.", "",
-                 "| model | kernel | depthwise | latency (ms) | max diff vs plain / max logit |",
-                 "|---|---|---|---|---|"]  # fmt: skip
+        lines = [f"Machine: {args.machine}. Batch 1, {args.threads} threads, median.", "",
+                 "| model | kernel | format | depthwise | latency (ms) | XNNPACK partitions "
+                 "| max diff vs plain fp32 / max logit |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in rows:
             diff = row.get("max_rel_diff_vs_plain")
             lines.append(
-                f"| {row['model']} | {row['kernel']} | {row['depthwise']} "
-                f"| {row['latency_ms']:.1f} | {'-' if diff is None else f'{diff:.1e}'} |"
+                f"| {row['model']} | {row['kernel']} | {row['format']} | {row['depthwise']} "
+                f"| {row['latency_ms']:.1f} | {row.get('partitions', '-')} "
+                f"| {'-' if diff is None else f'{diff:.1e}'} |"
             )
         tflite.write_atomic(os.path.join(args.out_dir, "imagenet_variants.md"), "\n".join(lines))
         tflite.write_atomic(

@@ -1,9 +1,10 @@
 """TFLite conversion of ConvMixer: fp32, fp16, dynamic-range, full-integer int8 and QAT models.
 
 Every export is batch 1 with a static shape (what edge runtimes and the Edge TPU compiler need).
-Before conversion the Keras 3 model is rebuilt with two exact rewrites (:mod:`export.rewrite`):
-the input normalization folded into the stem conv, and (float formats, kernel > 5) the large
-depthwise convs tiled into 5x5 ones that XNNPACK runs fast.
+Before conversion the Keras 3 model is rebuilt with exact rewrites (:mod:`export.rewrite`): the
+input normalization folded into the stem conv, (kernel > 5, all formats but qat) the large
+depthwise convs tiled into 3x3 ones that XNNPACK runs fast, and (int8, qat) the BatchNorms as
+1x1 depthwise convs.
 
 int8 and qat files are fully integer: int8 (or uint8) input and output, no float tensors and no
 QUANTIZE / DEQUANTIZE ops. The input takes raw pixels: its quantization is scale 1 and zero point
@@ -45,9 +46,10 @@ BATCH_NORM_MODES = ("depthwise", "mul")
 PIXEL_QUANTIZATION = {"int8": (1.0, -128), "uint8": (1.0, 0)}
 # XNNPACK's fast depthwise kernels stop at 5x5: larger kernels are tiled.
 FAST_DEPTHWISE_KERNEL = 5
-# The tile size "auto" uses. Measured on ConvMixer-1024/20 at 224x224, fp32, 2 threads, idle
-# 2-core AVX2 CPU (python -m export.benchmark --imagenet-variants): k9 plain 320 ms, 5x5 tiles
-# 151 ms, 3x3 tiles 131 ms; k7 324 / 164 / 108 ms (PyTorch eager 158 / 135 ms in the same run).
+# The tile size "auto" uses, in every format but qat. Measured on ConvMixer-1024/20 at 224x224,
+# 2 threads, idle 2-core AVX2 CPU (python -m export.benchmark --imagenet-variants, Nov 24 03:23):
+# fp32 k9 plain 284 ms, 5x5 tiles 110 ms, 3x3 tiles 94 ms; k7 221 / 107 / 94 ms (PyTorch eager
+# 102 / 99 ms); int8 k9 plain 567 ms, 3x3 tiles 91 ms; k7 371 / 89 ms.
 DEFAULT_DEPTHWISE_TILE = 3
 LABELS_METADATA = "convmixer_labels"
 
@@ -91,10 +93,14 @@ def prepare_keras_model(
 ):
     """The Keras 3 model that is converted for a float/int8 format: batch 1, rewrites applied.
 
-    ``depthwise_tile``: ``"auto"`` tiles k x k depthwise convs with k > 5 into 3x3 ones for the
-    float formats (fp32, fp16, dynamic) and leaves int8 untouched; an int tiles them with that
-    size in any format; None never tiles. For int8 with ``batch_norm="depthwise"`` (default),
-    every BatchNorm becomes the equal 1x1 depthwise conv
+    ``depthwise_tile``: ``"auto"`` tiles k x k depthwise convs with k > 5 into 3x3 ones (float
+    formats and int8: XNNPACK's int8 depthwise kernels fall off the same cliff, 567 ms plain vs
+    91 ms tiled for ConvMixer-1024/20 k9; the int8 tiles add their partial sums as int8 ADDs:
+    mean |logit error| against Keras 1.20% of the logits' std vs 1.16% plain, on a random-weight
+    ConvMixer-256/8 k9); an int tiles them with that size; None never tiles.
+
+    For int8 with ``batch_norm="depthwise"`` (default), every BatchNorm becomes the equal 1x1
+    depthwise conv
     (:func:`export.rewrite.batch_norm_as_depthwise`: per-channel int8 multipliers instead of a
     per-tensor MUL constant; measured +1.7 points of PTQ top-1 on an undertrained model, and a
     file 0.018x of fp32 larger for the per-channel parameters: ConvMixer-256/8 717,088 vs
@@ -108,7 +114,7 @@ def prepare_keras_model(
     if fmt in INTEGER_FORMATS and batch_norm == "depthwise":
         model = rewrite.batch_norm_as_depthwise(model)
     if depthwise_tile == "auto":
-        depthwise_tile = None if fmt in INTEGER_FORMATS else DEFAULT_DEPTHWISE_TILE
+        depthwise_tile = DEFAULT_DEPTHWISE_TILE
     if depthwise_tile is not None:
         model = rewrite.tile_depthwise(
             model, tile=int(depthwise_tile), max_kernel=FAST_DEPTHWISE_KERNEL

@@ -64,6 +64,23 @@ def test_tiled_tflite_matches_keras():
     np.testing.assert_allclose(out, keras_logits(model, pixels(8)), rtol=1e-4, atol=1e-5)
 
 
+def test_int8_tiles_large_kernels_too():
+    """auto tiling applies to int8 (XNNPACK's int8 depthwise is as slow for k > 5 as fp32's)."""
+    model = tiny_model(kernel_size=7)
+    images = pixels(16)
+    tiled = tflite.convert(model, "int8", calibration_images=images)
+    plain = tflite.convert(model, "int8", calibration_images=images, depthwise_tile=None)
+    # 9 tiles per block (3x3 over a 7x7 kernel, padded to 9x9) plus the 3 BN-as-depthwise convs
+    assert tflite.summarize(tiled).ops.count("DEPTHWISE_CONV_2D") == 2 * (9 + 2) + 1
+    assert tflite.summarize(plain).ops.count("DEPTHWISE_CONV_2D") == 2 * (1 + 2) + 1
+    assert tflite.integer_problems(tiled) == []
+    ref = keras_logits(model, images)
+    for blob in (tiled, plain):
+        out = TFLiteClassifier(blob).predict(images)
+        assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+        assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
 @pytest.mark.parametrize("keras_module", ["keras", "tf_keras"])
 def test_batch_norm_as_depthwise_is_exact(keras_module):
     from export import quantize
