@@ -376,14 +376,16 @@ def calibrate_ranges(
     """
     images = np.asarray(images, dtype="float32")
     if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"Calibration images must be a non-empty (N, H, W, 3) array. "
-                         f"Received shape {images.shape}")  # fmt: skip
+        raise ValueError(
+            f"Calibration images must be a non-empty (N, H, W, 3) array. Received shape "
+            f"{images.shape}"
+        )
     qat_model(images[:1], training=True)
     wrappers = {}
     for wrapper in qat_model.layers:
-        variables = {w.name.rsplit("/", 1)[-1]: w for w in wrapper.weights}
-        if "output_min:0" in variables and hasattr(wrapper, "layer"):
-            wrappers[wrapper.layer.name] = (variables["output_min:0"], variables["output_max:0"])
+        mins, maxs = _range_weights(wrapper)
+        if hasattr(wrapper, "layer") and mins:  # not the input QuantizeLayer (pinned)
+            wrappers[wrapper.layer.name] = (mins[0], maxs[0])
     probe = tf_keras.Model(
         float_model.inputs, [float_model.get_layer(name).output for name in wrappers]
     )
@@ -398,6 +400,18 @@ def calibrate_ranges(
         min_var.assign(low[name])
         max_var.assign(high[name])
     return {QAT_PREFIX + name: (low[name], high[name]) for name in wrappers}
+
+
+def _range_weights(layer) -> tuple[list, list]:
+    """The (min, max) variables of a QAT layer's output quantizer: the input ``QuantizeLayer``'s
+    (``*_min`` / ``*_max``) or a wrapper's (``output_min`` / ``output_max``); empty lists for a
+    layer without one. A ``QuantizeLayer`` rebuilt from its config holds its range twice (tfmot
+    0.8.1), hence lists."""
+    if isinstance(layer, QuantizeLayer):
+        suffixes = ("_min:0", "_max:0")
+    else:
+        suffixes = ("/output_min:0", "/output_max:0")
+    return tuple([w for w in layer.weights if w.name.endswith(suffix)] for suffix in suffixes)
 
 
 def input_quantize_layer(qat_model: tf_keras.Model) -> QuantizeLayer:
@@ -417,11 +431,11 @@ def input_quantize_layer(qat_model: tf_keras.Model) -> QuantizeLayer:
 
 def set_input_range(qat_model: tf_keras.Model, low: float, high: float) -> None:
     """Sets the range of the input quantizer (it only widens from there on pixel data)."""
-    for weight in input_quantize_layer(qat_model).weights:
-        if weight.name.endswith("_min:0"):
-            weight.assign(low)
-        elif weight.name.endswith("_max:0"):
-            weight.assign(high)
+    mins, maxs = _range_weights(input_quantize_layer(qat_model))
+    for weight in mins:
+        weight.assign(low)
+    for weight in maxs:
+        weight.assign(high)
 
 
 def finetune(
@@ -461,20 +475,12 @@ def finetune(
 def _output_scale(layer) -> float:
     """The int8 scale TFLite gives the output of a QAT layer: (max - min) / 255 of its output
     quantizer's range, widened to contain 0 as the converter does."""
-    low = high = None
-    if isinstance(layer, QuantizeLayer):
-        suffixes = ("_min:0", "_max:0")
-    else:
-        suffixes = ("output_min:0", "output_max:0")
-    for weight in layer.weights:
-        if weight.name.endswith(suffixes[0]):
-            low = float(weight.numpy())
-        elif weight.name.endswith(suffixes[1]):
-            high = float(weight.numpy())
-    if low is None or high is None:
+    mins, maxs = _range_weights(layer)
+    if not mins or not maxs:
         raise ValueError(
             f"Layer {layer.name!r} has no output quantizer: its int8 scale is unknown."
         )
+    low, high = float(mins[0].numpy()), float(maxs[0].numpy())
     return (max(high, 0.0) - min(low, 0.0)) / 255.0
 
 
@@ -553,13 +559,8 @@ def rebatch_qat_model(qat_model: tf_keras.Model, batch_size: int | None = 1) -> 
     # 0.8.1), so its range is copied by name.
     for source, target in zip(qat_model.layers, rebatched.layers, strict=True):
         if isinstance(target, QuantizeLayer):
-            low, high = (
-                float(w.numpy())
-                for suffix in ("_min:0", "_max:0")
-                for w in source.weights
-                if w.name.endswith(suffix)
-            )
-            set_input_range(rebatched, low, high)
+            (low, *_), (high, *_) = _range_weights(source)
+            set_input_range(rebatched, float(low.numpy()), float(high.numpy()))
         else:
             target.set_weights(source.get_weights())
     return rebatched
