@@ -75,19 +75,6 @@ def convs_only(args):
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
-def convert_plain(model, fmt: str, images: np.ndarray) -> bytes:
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if fmt == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = tflite.representative_dataset(images)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    return bytes(converter.convert())
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     size = args.image_size
@@ -108,7 +95,7 @@ def main(argv=None) -> list[dict]:
             blobs[(activation, fmt)] = tflite.convert(model, fmt, calibration_images=images)
     plain = convs_only(args)
     for fmt in ("fp32", "int8"):
-        blobs[("convs", fmt)] = convert_plain(plain, fmt, images)
+        blobs[("convs", fmt)] = bytes(tflite.make_converter(plain, fmt, images).convert())
 
     peaks = {t: [matmul_peak_gflops(t)] for t in args.threads}
     times = {(key, t): [] for key in blobs for t in args.threads}

@@ -150,7 +150,7 @@ def convert(
 
     Returns:
         The .tflite file's bytes, each distinct numeric vector (quantization parameters, shapes)
-        stored once (:func:`share_vectors`). int8/qat results are checked to be fully integer
+        stored once (:class:`_SharingBuilder`). int8/qat results are checked to be fully integer
         (RuntimeError otherwise).
 
     Example:
@@ -188,6 +188,27 @@ def convert(
             model, fmt, depthwise_tile=depthwise_tile, batch_norm=batch_norm
         )
 
+    blob = bytes(make_converter(model, fmt, calibration_images, io_type).convert())
+    # One parse, every edit, one serialization (with shared vectors).
+    flat = _model_object(blob)
+    if fmt in INTEGER_FORMATS:
+        _pin_input(flat, *PIXEL_QUANTIZATION[io_type])
+        problems = _integer_problems(_summary(flat))
+        if problems:
+            raise RuntimeError(f"The {fmt} model is not fully integer: {'; '.join(problems)}")
+    if class_names is not None:
+        _set_labels(flat, class_names)
+    return _model_bytes(flat)
+
+
+def make_converter(
+    model, fmt: str, calibration_images: np.ndarray | None = None, io_type: str = "int8"
+) -> tf.lite.TFLiteConverter:
+    """The TFLite converter of a Keras model set up for ``fmt`` (no rewrites, no checks).
+
+    :func:`convert` uses it on the prepared ConvMixer; it also converts any other Keras model
+    the same way (e.g. the convolutions-only graph of ``benchmarks/tflite_breakdown.py``).
+    """
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if fmt == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -201,15 +222,7 @@ def convert(
         io_dtype = tf.int8 if io_type == "int8" else tf.uint8
         converter.inference_input_type = io_dtype
         converter.inference_output_type = io_dtype
-    blob = bytes(converter.convert())
-    if fmt in INTEGER_FORMATS:
-        blob = pin_input_quantization(blob, *PIXEL_QUANTIZATION[io_type])
-        problems = integer_problems(blob)
-        if problems:
-            raise RuntimeError(f"The {fmt} model is not fully integer: {'; '.join(problems)}")
-    if class_names is not None:
-        return add_labels(blob, class_names)  # re-serializes with shared vectors
-    return share_vectors(blob)
+    return converter
 
 
 def _model_object(blob: bytes):
@@ -227,6 +240,9 @@ class _SharingBuilder(flatbuffers.Builder):
     flatbuffer may point several tables at one vector (it is read-only; the builder writes back
     to front, so an earlier vector lies ahead of every later reference), which is what
     flatbuffers' own ``CreateSharedString`` does. Weight buffers (uint8) are never shared.
+    The graph, weights and quantization parameters are unchanged (identical interpreter outputs,
+    tested). Measured on ConvMixer-256/8 (k5 p2): int8 858,160 -> 717,064 bytes, fp32 2,405,232
+    -> 2,402,904: int8 0.357x -> 0.298x of fp32.
     """
 
     _SHARED_KINDS = ("<f4", "<i8", "<i4")
@@ -251,17 +267,6 @@ def _model_bytes(model) -> bytes:
     return bytes(builder.Output())
 
 
-def share_vectors(blob: bytes) -> bytes:
-    """The same model with each distinct numeric vector stored once (a smaller file).
-
-    The graph, weights and quantization parameters are unchanged (the interpreter's outputs are
-    identical); see :class:`_SharingBuilder`. Measured on ConvMixer-256/8 (k5 p2): int8 719,248
-    -> 717,064 bytes with shapes and index lists shared (858,160 before any sharing), fp32
-    2,405,232 -> 2,402,904: int8 0.357x -> 0.298x of fp32.
-    """
-    return _model_bytes(_model_object(blob))
-
-
 def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
     """Sets the input tensor's quantization to ``(scale, zero_point)`` (raw pixels exactly).
 
@@ -271,13 +276,18 @@ def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
     parameters (QAT) are left unchanged.
     """
     model = _model_object(blob)
+    return _model_bytes(model) if _pin_input(model, scale, zero_point) else blob
+
+
+def _pin_input(model, scale: float, zero_point: int) -> bool:
+    """:func:`pin_input_quantization` on a model object; False if nothing had to change."""
     graph = model.subgraphs[0]
     (input_index,) = graph.inputs
     tensor = graph.tensors[input_index]
     old_scale = float(tensor.quantization.scale[0])
     old_zero_point = int(tensor.quantization.zeroPoint[0])
     if np.isclose(old_scale, scale, rtol=0, atol=1e-9) and old_zero_point == zero_point:
-        return blob
+        return False
     tensor.quantization.scale = [float(scale)]
     tensor.quantization.zeroPoint = [int(zero_point)]
     for op in graph.operators:
@@ -293,12 +303,17 @@ def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
             bias.quantization.scale = [
                 float(s) * scale / old_scale for s in bias.quantization.scale
             ]
-    return _model_bytes(model)
+    return True
 
 
 def add_labels(blob: bytes, class_names: Sequence[str]) -> bytes:
     """Stores the class names (one per line) in the model's metadata :data:`LABELS_METADATA`."""
     model = _model_object(blob)
+    _set_labels(model, class_names)
+    return _model_bytes(model)
+
+
+def _set_labels(model, class_names: Sequence[str]) -> None:
     buffer = schema.BufferT()
     buffer.data = np.frombuffer("\n".join(class_names).encode("utf-8"), dtype=np.uint8)
     model.buffers.append(buffer)
@@ -306,7 +321,6 @@ def add_labels(blob: bytes, class_names: Sequence[str]) -> bytes:
     entry.name = LABELS_METADATA
     entry.buffer = len(model.buffers) - 1
     model.metadata = [m for m in (model.metadata or []) if m.name != LABELS_METADATA] + [entry]
-    return _model_bytes(model)
 
 
 def read_labels(blob: bytes) -> list[str] | None:
@@ -350,7 +364,10 @@ def summarize(blob: bytes) -> Summary:
     Example:
         >>> # summarize(open("model.tflite", "rb").read()).ops -> ("CONV_2D", "GELU", ...)
     """
-    model = _model_object(blob)
+    return _summary(_model_object(blob))
+
+
+def _summary(model) -> Summary:
     graph = model.subgraphs[0]
     ops = tuple(
         _OP_NAMES.get(
@@ -389,7 +406,10 @@ def integer_problems(blob: bytes) -> list[str]:
     uint8 input/output need one QUANTIZE op each (uint8 <-> int8, an exact shift by 128 at
     scale 1); those two are allowed.
     """
-    summary = summarize(blob)
+    return _integer_problems(summarize(blob))
+
+
+def _integer_problems(summary: Summary) -> list[str]:
     problems = []
     if summary.float_tensors:
         problems.append(f"float tensors {list(summary.float_tensors)[:5]}")
@@ -415,7 +435,7 @@ def edgetpu_report(blob: bytes) -> dict:
     """
     summary = summarize(blob)
     unsupported = sorted(set(summary.ops) - EDGETPU_OPS)
-    problems = integer_problems(blob)
+    problems = _integer_problems(summary)
     if unsupported:
         problems.append(f"ops not supported by the Edge TPU: {unsupported}")
     return {"compatible": not problems, "unsupported_ops": unsupported, "problems": problems}
