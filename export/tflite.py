@@ -47,7 +47,7 @@ PIXEL_QUANTIZATION = {"int8": (1.0, -128), "uint8": (1.0, 0)}
 # XNNPACK's fast depthwise kernels stop at 5x5: larger kernels are tiled.
 FAST_DEPTHWISE_KERNEL = 5
 # The tile size "auto" uses, in every format but qat. Measured on ConvMixer-1024/20 at 224x224,
-# 2 threads, idle 2-core AVX2 CPU (python -m export.benchmark --imagenet-variants, Nov 24 03:23):
+# 2 threads, idle 2-core AVX2 CPU (python -m export.benchmark --imagenet-variants, Nov 24 03:22):
 # fp32 k9 plain 284 ms, 5x5 tiles 110 ms, 3x3 tiles 94 ms; k7 221 / 107 / 94 ms (PyTorch eager
 # 102 / 99 ms); int8 k9 plain 567 ms, 3x3 tiles 91 ms; k7 371 / 89 ms.
 DEFAULT_DEPTHWISE_TILE = 3
