@@ -8,7 +8,7 @@ again. Prints one JSON line; compare numbers within one run only.
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/input_pipeline.py \\
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.input_pipeline \\
         --recipe cifar10_convmixer_256_8 --data-dir ../shared/data/cifar10/train
 """
 
@@ -17,29 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import tensorflow as tf  # noqa: E402
-
-from training import augment, data, trainer  # noqa: E402
-from training.config import apply_overrides, from_recipe  # noqa: E402
+from training import data, measure, pipeline, trainer
+from training.config import apply_overrides, from_recipe
 
 MATMUL_SIZE = 1024
 
 
 def matmul_gflops(repeats: int = 20) -> float:
-    """GFLOP/s of a float32 matmul of MATMUL_SIZE squared matrices."""
-    a = tf.random.normal((MATMUL_SIZE, MATMUL_SIZE))
-    b = tf.random.normal((MATMUL_SIZE, MATMUL_SIZE))
-    matmul = tf.function(lambda: tf.matmul(a, b))
-    matmul().numpy()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        matmul().numpy()
-    return 2 * MATMUL_SIZE**3 * repeats / (time.perf_counter() - start) / 1e9
+    """GFLOP/s of a float32 matmul of MATMUL_SIZE squared matrices (:mod:`training.measure`)."""
+    return measure.matmul_peak_flops(MATMUL_SIZE, repeats) / 1e9
 
 
 def images_per_second(iterator, batches: int, batch_size: int) -> float:
@@ -60,7 +48,7 @@ def main(argv=None) -> None:
 
     result = {"matmul_gflops_start": round(matmul_gflops(), 1)}
     config = apply_overrides(from_recipe(args.recipe), {"data_dir": args.data_dir, "dataset": None})
-    train_data = augment.make_train_dataset(config)
+    train_data = pipeline.make_train_dataset(config)
     iterator = iter(train_data.dataset)
     first = images_per_second(iterator, train_data.steps_per_epoch + 1, config.batch_size)
     result["train_pipeline_first_epoch_img_s"] = round(first, 1)

@@ -7,20 +7,16 @@ so that load from other processes hits both alike. Prints img/s of each and thei
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/mirrored_overhead.py --replicas 2 --batch-size 64
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.mirrored_overhead --replicas 2 --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from training import distribute  # noqa: E402
+from training import distribute
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ Linux only (reads /proc to find the worker's process id).
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/multi_worker_resume.py
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.multi_worker_resume
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import REPO_ROOT
+
 KILL_AT = "[worker 1] BATCH 1 3"  # 0-based epoch 1, batch 3
 
 

@@ -1,14 +1,14 @@
 """Check: do 2 workers read disjoint shards of an image folder in one epoch? (about 1 minute)
 
 Launches 2 local workers (MultiWorkerMirroredStrategy); each builds the real training pipeline
-(training.augment, augmentation off so an image's pixels identify it) with the DATA shard policy
+(training.pipeline, augmentation off so an image's pixels identify it) with the DATA shard policy
 and hashes every image it gets during one epoch. Prints per worker how many it saw and how many
 both saw: 0 when the shards are disjoint (the DATA policy keeps every N-th element of each
 worker's stream, so ``training.distribute.with_shard_policy`` makes the maps keep their order).
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/shard_overlap.py
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.shard_overlap
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import json
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from benchmarks import REPO_ROOT
 
 
 def worker(limit_per_class: int) -> None:
@@ -30,7 +29,7 @@ def worker(limit_per_class: int) -> None:
 
     strategy = distribute.make_strategy({"strategy": "multi_worker"})
 
-    from training import augment
+    from training import pipeline
     from training.config import TrainConfig
 
     config = TrainConfig(
@@ -38,7 +37,7 @@ def worker(limit_per_class: int) -> None:
         limit_per_class=limit_per_class, image_size=16, batch_size=20, randaugment_ops=0,
         hflip=False, scale=(1.0, 1.0), val_split="",
     )  # fmt: skip
-    train_data = augment.make_train_dataset(config)
+    train_data = pipeline.make_train_dataset(config)
     policy = distribute.resolve_shard_policy("auto", image_folder=True)
     dataset = distribute.with_shard_policy(train_data.dataset, policy)
     batches = iter(strategy.experimental_distribute_dataset(dataset))
@@ -61,7 +60,7 @@ def main(argv=None) -> dict:
 
     from training import launch
 
-    program = [sys.executable, os.path.abspath(__file__), "--worker"]
+    program = [sys.executable, "-m", "benchmarks.shard_overlap", "--worker"]
     program += ["--limit-per-class", str(args.limit_per_class)]
     output = io.StringIO()
     status = launch.launch(program, 2, output=output)

@@ -5,34 +5,26 @@ Times, in one run with interleaved repeats, the fp32 and int8 .tflite of
 - ``relu``: the same with ReLU (XNNPACK fuses it into the convs; int8 is one partition);
 - ``convs``: the convolutions alone (stem, depthwise + residual add, pointwise, head), no
   activation and no BatchNorm: what the MAC bound counts,
-and reports each latency over the bound ``2 * MACs / peak`` (numpy float32 matmul peak, same
+and reports each latency over the bound ``2 * MACs / peak`` (float32 tf.matmul peak, same
 thread count, measured before and after) and int8 over fp32. The differences between the rows
 are the cost of GELU and of the BatchNorms, which the MAC bound does not count.
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/tflite_breakdown.py --threads 1 2
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.tflite_breakdown --threads 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import convmixer_tf  # noqa: E402
-from export import tflite  # noqa: E402
-from export.benchmark import (  # noqa: E402
-    count_macs,
-    latency_ms,
-    matmul_peak_gflops,
-    xnnpack_partitions,
-)
+import convmixer_tf
+from export import tflite
+from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
+from training.measure import forward_macs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +79,7 @@ def main(argv=None) -> list[dict]:
         input_shape=(size, size, 3),
         num_classes=10,
     )
-    macs = count_macs(convmixer_tf.ConvMixer(**arch))
+    macs = forward_macs(convmixer_tf.ConvMixer(**arch))
     blobs = {}
     for activation in ("gelu", "relu"):
         model = with_batch_norm_statistics(convmixer_tf.ConvMixer(**arch, activation=activation))

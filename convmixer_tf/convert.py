@@ -15,15 +15,14 @@ checked to give the same outputs as the converted model.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from convmixer_tf import cli, files, presets, pretrained, saving
 from convmixer_tf import model as model_lib
-from convmixer_tf import presets, pretrained
+from convmixer_tf.constants import ACTIVATIONS
 
 VERIFY_TOLERANCE = 1e-5
 
@@ -76,34 +75,10 @@ def build_model(
     )
 
 
-def save_model_atomic(model, output: str) -> None:
-    """Saves a Keras model (Keras 3 or tf_keras) as ``.keras`` through a temporary file in the
-    same folder and ``os.replace``: a crash never leaves a half-written ``output``.
-
-    Example:
-        >>> from convmixer_tf import convert
-        >>> convert.save_model_atomic(model, "convmixer.keras")  # doctest: +SKIP
-    """
-    if not os.fspath(output).endswith(".keras"):
-        raise ValueError(f"The output file must end with '.keras'. Received: output={output!r}")
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def verify_saved(model, output: str, seed: int = 0) -> float:
     """Reloads ``output`` and returns the max abs difference of its outputs from ``model``'s on
     random pixels; raises a ValueError above ``VERIFY_TOLERANCE``."""
-    import keras
-
-    reloaded = keras.saving.load_model(output)
+    reloaded = saving.load_model(output)
     height, width = model.input_shape[1:3]
     pixels = np.random.default_rng(seed).uniform(0, 255, (1, height, width, 3)).astype("float32")
     diff = float(
@@ -114,7 +89,7 @@ def verify_saved(model, output: str, seed: int = 0) -> float:
     return diff
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convmixer_tf.convert",
         description="Convert a PyTorch ConvMixer checkpoint (timm .safetensors or official "
@@ -123,24 +98,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help=f"preset name ({', '.join(presets.PRESETS)})")
     parser.add_argument("--weights", required=True, help="checkpoint path, URL or 'imagenet'")
     parser.add_argument("--output", required=True, help="the .keras file to write")
-    parser.add_argument("--activation", choices=model_lib.ACTIVATIONS)
+    parser.add_argument("--activation", choices=ACTIVATIONS)
     parser.add_argument("--input-size", type=int, help="square input size (default: preset's)")
     parser.add_argument("--no-verify", action="store_true", help="skip the reload check")
-    return parser.parse_args(argv)
+    cli.add_debug_argument(parser)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Converts as ``args`` say."""
+    if not args.output.endswith(".keras"):
+        raise ValueError(f"--output must end with '.keras'. Received: {args.output!r}")
+    files.check_writable(args.output)
     model = build_model(
         args.weights, args.model, activation=args.activation, input_size=args.input_size
     )
-    save_model_atomic(model, args.output)
+    saving.save_model(model, args.output)
     message = f"wrote {args.output} ({model.count_params():,} parameters"
     if not args.no_verify:
         message += f", reload max abs diff {verify_saved(model, args.output):.2g}"
     print(message + ")")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from convmixer_tf.constants import INTERPOLATIONS
+
 NUM_CLASSES = 1000
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 # timm's evaluation settings of the ConvMixer ImageNet checkpoints.
 CROP_PCT = 0.96
 INTERPOLATION = "bicubic"
@@ -118,7 +119,8 @@ def preprocess_image(
         image: ``(height, width, 3)`` uint8 or float pixels in [0, 255].
         input_size: the model's input size (int or ``(height, width)``, square).
         crop_pct: fraction of the resized image kept by the crop (the preset's ``crop_pct``).
-        interpolation: ``"bicubic"`` (ConvMixer checkpoints), ``"bilinear"`` or ``"nearest"``.
+        interpolation: ``"bicubic"`` (ConvMixer checkpoints) or another of
+            :data:`convmixer_tf.constants.INTERPOLATIONS`.
 
     Returns:
         A float32 tensor ``(size, size, 3)`` of pixels in [0, 255], ready for the model.
@@ -165,14 +167,29 @@ def preprocess_image(
     return tf.ensure_shape(cropped, (input_size, input_size, image.shape[-1]))
 
 
+def check_image_file(path: str) -> None:
+    """Raises a ValueError naming ``path`` if it is missing, a directory or empty."""
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"Image file not found: {path!r}")
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not an image file.")
+    if tf.io.gfile.stat(path).length == 0:
+        raise ValueError(f"Image file {path!r} is empty.")
+
+
 def load_image(path: str) -> tf.Tensor:
     """Reads a JPEG / PNG / BMP / GIF file as a ``(height, width, 3)`` uint8 tensor (RGB).
+
+    Raises a ValueError naming the file if it is missing, empty or not a decodable image.
 
     Example:
         >>> from convmixer_tf import imagenet
         >>> image = imagenet.load_image("photo.jpg")  # doctest: +SKIP
     """
-    if not tf.io.gfile.exists(path):
-        raise ValueError(f"Image file not found: {path!r}")
+    check_image_file(path)
     data = tf.io.read_file(path)
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
+    try:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+        message = " ".join(e.message.split())
+        raise ValueError(f"Cannot decode image {path!r}: {message}") from None

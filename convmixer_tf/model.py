@@ -1,8 +1,14 @@
-"""The ConvMixer builder ("Patches Are All You Need?", Trockman & Kolter, arXiv:2201.09792).
+"""ConvMixer ("Patches Are All You Need?", Trockman & Kolter, arXiv:2201.09792): the whole model.
 
-One functional builder serves Keras 3 (the default) and tf_keras (Keras 2, needed by
-tensorflow-model-optimization and by multi-worker ``fit``): every layer is created through the
-module passed as ``keras_module``, so both get the same graph, layer names and weights order.
+Stem, block and head are :func:`apply_stem`, :func:`apply_block` and the end of
+:func:`ConvMixer`. One functional builder serves Keras 3 (the default) and tf_keras (Keras 2,
+needed by tensorflow-model-optimization and by multi-worker ``fit``): every layer is created
+through the module passed as ``keras_module``, so both get the same graph, layer names and
+weights order. Layer names follow timm's checkpoint names (``stem.0`` -> ``stem_conv``,
+``blocks.{i}.0.fn.0`` -> ``blocks_{i}_dwconv``, ...), so weight import is a string mapping.
+
+The activation and BatchNorm layers come from :mod:`convmixer_tf.fused`: for Keras 3 they are
+subclasses of the stock layers with a faster training pass on CPU, the same function and weights.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import importlib
 import inspect
 from collections.abc import Sequence
 
-from convmixer_tf import blocks, presets
+from convmixer_tf import fused, presets
+from convmixer_tf.constants import ACTIVATIONS, KERAS_MODULES, POOLINGS
 
-ACTIVATIONS = ("gelu", "relu")
-POOLINGS = ("avg", "max", None)
-KERAS_MODULES = ("keras", "tf_keras")
+# PyTorch's BatchNorm2d defaults. Keras' own (epsilon 1e-3, momentum 0.99) do not reproduce the
+# paper's checkpoints: the epsilon changes every output, and the momentum the training dynamics.
+# Keras' momentum is the weight of the old statistics: 1 - PyTorch's momentum (0.1).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
 
 
 def resolve_keras(keras_module="keras"):
@@ -28,6 +37,34 @@ def resolve_keras(keras_module="keras"):
             f"Received: keras_module={keras_module!r}"
         )
     return importlib.import_module(keras_module)
+
+
+def apply_stem(x, keras, dim: int, patch_size: int, activation: str, synchronized_bn: bool = False):
+    """Patch embedding: ``Conv(dim, k=p, s=p)`` -> activation -> BN."""
+    x = keras.layers.Conv2D(dim, patch_size, strides=patch_size, name="stem_conv")(x)
+    x = fused.activation_layer(keras, activation, "stem_act")(x)
+    return fused.batch_norm(keras, "stem_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(x)
+
+
+def apply_block(
+    x, keras, index: int, dim: int, kernel_size: int, activation: str, synchronized_bn: bool = False
+):
+    """One ConvMixer block.
+
+    ``x = BN(act(DepthwiseConv(x))) + x`` (the residual wraps the depthwise part only), then
+    ``x = BN(act(Conv1x1(x)))``. Note the order conv -> activation -> BN.
+    """
+    prefix = f"blocks_{index}"
+    shortcut = x
+    x = keras.layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{prefix}_dwconv")(x)
+    x = fused.activation_layer(keras, activation, f"{prefix}_dwconv_act")(x)
+    x = fused.batch_norm(keras, f"{prefix}_dwconv_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(x)
+    x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])
+    x = keras.layers.Conv2D(dim, 1, name=f"{prefix}_pwconv")(x)
+    x = fused.activation_layer(keras, activation, f"{prefix}_pwconv_act")(x)
+    return fused.batch_norm(keras, f"{prefix}_pwconv_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(
+        x
+    )
 
 
 def _check_input_shape(input_shape, patch_size: int) -> tuple:
@@ -145,9 +182,9 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
             variance=[(255.0 * s) ** 2 for s in std],
             name="preprocessing",
         )(x)
-    x = blocks.apply_stem(x, keras, dim, patch_size, activation, synchronized_bn)
+    x = apply_stem(x, keras, dim, patch_size, activation, synchronized_bn)
     for i in range(depth):
-        x = blocks.apply_block(x, keras, i, dim, kernel_size, activation, synchronized_bn)
+        x = apply_block(x, keras, i, dim, kernel_size, activation, synchronized_bn)
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import convert, imagenet, presets
-from convmixer_tf import model as model_lib
+from convmixer_tf import cli, convert, imagenet, presets
+from convmixer_tf.constants import ACTIVATIONS
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -80,7 +80,7 @@ def classify(
     return imagenet.decode_predictions(probabilities, top=top, class_names=names)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convmixer_tf.predict",
         description="Print the top classes of image files with a pretrained ConvMixer.",
@@ -90,16 +90,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--weights", required=True, help="checkpoint path, URL, 'imagenet' or .weights.h5"
     )
-    parser.add_argument("--activation", choices=model_lib.ACTIVATIONS)
+    parser.add_argument("--activation", choices=ACTIVATIONS)
     parser.add_argument("--input-size", type=int, help="square input size (default: preset's)")
     parser.add_argument("--crop-pct", type=float, help="default: the preset's (0.96 ImageNet)")
     parser.add_argument("--top", type=int, default=5)
-    return parser.parse_args(argv)
+    cli.add_debug_argument(parser)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Classifies the images ``args`` name; prints the top classes of each."""
+    for path in args.images:  # before loading a model: a missing image is a quick error
+        imagenet.check_image_file(path)
     crop_pct, interpolation, dataset = imagenet.CROP_PCT, imagenet.INTERPOLATION, "imagenet"
     if args.model:
         preset = presets.get_preset(args.model)
@@ -121,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rank, (class_id, name, probability) in enumerate(classes, start=1):
             print(f"  {rank}. {100 * probability:6.2f}%  {class_id:>9}  {name}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

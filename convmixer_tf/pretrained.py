@@ -39,7 +39,7 @@ import urllib.parse
 
 import numpy as np
 
-from convmixer_tf import presets, torch_pickle
+from convmixer_tf import files, presets, saving, torch_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise ValueError(f"Checkpoint file not found: {path!r}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except SafetensorError as e:
+            raise ValueError(f"Cannot read {path!r} as a .safetensors checkpoint: {e}") from e
     if not path.endswith(TORCH_SUFFIXES):
         raise ValueError(
             f"Unknown checkpoint format {path!r}: expected a file ending with one of "
@@ -259,37 +263,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return _checkpoint_info(timm_state, scheme, source)
 
 
-def model_architecture(model) -> dict:
-    """Reads ``dim``, ``depth``, ``kernel_size``, ``patch_size``, ``num_classes`` and
-    ``activation`` off a ConvMixer built by :func:`convmixer_tf.ConvMixer` (by layer names).
-
-    Example:
-        >>> import convmixer_tf
-        >>> from convmixer_tf import pretrained
-        >>> model = convmixer_tf.ConvMixer(16, 2, 3, 2, input_shape=(8, 8, 3), num_classes=10)
-        >>> pretrained.model_architecture(model)["kernel_size"]
-        3
-    """
-    names = {layer.name for layer in model.layers}
-    if "stem_conv" not in names:
-        raise ValueError(
-            f"Model {model.name!r} has no layer 'stem_conv': not a ConvMixer built by "
-            "convmixer_tf.ConvMixer / create_model"
-        )
-    stem = model.get_layer("stem_conv").get_config()
-    depth = sum(1 for name in names if re.fullmatch(r"blocks_\d+_dwconv", name))
-    kernel = model.get_layer("blocks_0_dwconv").get_config()["kernel_size"][0] if depth else 0
-    head = model.get_layer("head").get_config()["units"] if "head" in names else None
-    return {
-        "dim": stem["filters"],
-        "depth": depth,
-        "kernel_size": kernel,
-        "patch_size": stem["kernel_size"][0],
-        "num_classes": head,
-        "activation": model.get_layer("stem_act").get_config()["activation"],
-    }
-
-
 def load_state_dict(model, state_dict: dict[str, np.ndarray], source: str = "state dict"):
     """Loads a PyTorch ConvMixer state dict (NumPy arrays, timm or official names) into ``model``.
 
@@ -307,9 +280,9 @@ def load_state_dict(model, state_dict: dict[str, np.ndarray], source: str = "sta
     scheme, timm_state, original_name, unexpected = _to_timm_names(state_dict, source)
     ignored: list[str] = []
     info = _checkpoint_info(timm_state, scheme, source)
-    arch = model_architecture(model)
+    arch = saving.model_arguments(model)
     fields = ("dim", "depth", "kernel_size", "patch_size")
-    if arch["num_classes"] is not None:
+    if arch.get("num_classes") is not None:
         fields += ("num_classes",)
     if any(getattr(info, f) != arch[f] for f in fields):
         found = ", ".join(f"{f}={arch[f]}" for f in fields)
@@ -430,13 +403,6 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def fetch_checkpoint(
     url: str,
     *,
@@ -490,7 +456,7 @@ def fetch_checkpoint(
                     f"{recorded} in {record}. Delete both files to download it again."
                 )
         else:
-            _write_text_atomic(record, f"{digest}  {url}\n")
+            files.write_atomic(record, f"{digest}  {url}\n")
             logger.warning(
                 "No known sha256 for %s; computed %s (recorded in %s)", url, digest, record
             )
@@ -507,7 +473,7 @@ def preset_for_model(model) -> str:
         >>> pretrained.preset_for_model(model)  # doctest: +SKIP
         'convmixer_768_32'
     """
-    arch = model_architecture(model)
+    arch = saving.model_arguments(model)
     fields = ("dim", "depth", "kernel_size", "patch_size", "activation")
     for name, preset in presets.PRESETS.items():
         spec = preset.architecture()

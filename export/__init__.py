@@ -1,6 +1,9 @@
 """Edge export of ConvMixer: TFLite conversion (fp32, fp16, dynamic, int8, QAT), verification.
 
-Modules: :mod:`export.tflite` (converter, integer checks, Edge TPU check, atomic writes),
+:func:`export_model` (:mod:`export.pipeline`) is the one export function, behind
+``python -m export`` and ``python -m export.benchmark``.
+
+Modules: :mod:`export.pipeline`, :mod:`export.tflite` (converter, integer checks, Edge TPU check),
 :mod:`export.quantize` (tfmot QuantizeConfigs and the policy table, QAT),
 :mod:`export.rewrite` (exact graph rewrites: folded preprocessing, tiled depthwise convs),
 :mod:`export.evaluate` (accuracy with ai-edge-litert), :mod:`export.benchmark`.
@@ -12,3 +15,14 @@ Example:
     >>> len(tflite.convert(model, "fp32")) > 0
     True
 """
+
+import importlib
+
+__all__ = ["ExportResult", "export_model"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `python -m export --help` and argument errors stay fast.
+    if name in __all__:
+        return getattr(importlib.import_module("export.pipeline"), name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -4,22 +4,23 @@ Usage::
 
     # a trained CIFAR-10 model: all formats incl. QAT, accuracy on the held-out split
     python -m export.benchmark --model model.keras --data-dir ../shared/data/cifar10/train \\
-        --qat-steps 200 --out-dir bench/
+        --qat-steps 200 --output-dir bench/
     # latency and size only, of an untrained preset (latency does not depend on weights)
-    python -m export.benchmark --preset convmixer_256_8 --out-dir bench/
+    python -m export.benchmark --preset convmixer_256_8 --output-dir bench/
     # large-kernel depthwise rewrite on the ImageNet variants (224x224, random weights)
-    python -m export.benchmark --imagenet-variants --threads 2 --out-dir bench/ \\
+    python -m export.benchmark --imagenet-variants --threads 2 --output-dir bench/ \\
         --torch-python .torchvenv/bin/python
 
 Latency is batch 1, the median over ``--repeats`` invocations after warm-up, with
 ai-edge-litert's default XNNPACK delegate at 1 and ``--threads`` threads. Reported ratios:
-int8/fp32 latency, and fp32 latency over the bound ``2 * MACs / peak`` where ``peak`` is numpy's
-float32 matmul GFLOP/s measured in the same run with the same thread count. The number of XNNPACK
-partitions is the number of DELEGATE nodes in the interpreter's execution plan (an op XNNPACK
-does not take, such as int8 GELU, splits the graph).
+int8/fp32 latency, and fp32 latency over the bound ``2 * MACs / peak`` where ``peak`` is the
+float32 ``tf.matmul`` GFLOP/s with the same thread count, measured in the same run
+(:func:`training.measure.matmul_peak_flops`; MACs from :func:`training.measure.forward_macs`).
+The number of XNNPACK partitions is the number of DELEGATE nodes in the interpreter's execution
+plan (an op XNNPACK does not take, such as int8 GELU, splits the graph).
 
 Writes ``results.json``, ``results.md`` (the table) and ``results.png`` (accuracy vs latency and
-size) to ``--out-dir``.
+size) to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -34,18 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-FLOAT_FORMATS = ("fp32", "fp16", "dynamic")
-
-_PEAK_CODE = """
-import sys, time, numpy as np
-n = 1024
-a = np.random.rand(n, n).astype(np.float32); b = np.random.rand(n, n).astype(np.float32)
-for _ in range(3): a @ b
-times = []
-for _ in range(int(sys.argv[1])):
-    t = time.perf_counter(); a @ b; times.append(time.perf_counter() - t)
-print(2 * n**3 / np.median(times) / 1e9)
-"""
+from convmixer_tf import cli, files
+from export.constants import FLOAT_FORMATS
 
 _TORCH_CODE = """
 import sys, time, torch
@@ -71,39 +62,11 @@ times.sort(); print(1000 * times[len(times) // 2])
 """
 
 
-def matmul_peak_gflops(threads: int, repeats: int = 10) -> float:
-    """numpy float32 1024^3 matmul GFLOP/s with ``threads`` BLAS threads (fresh process).
+def matmul_peak_gflops(threads: int) -> float:
+    """The float32 matmul peak (GFLOP/s) at ``threads`` threads (see :mod:`training.measure`)."""
+    from training.measure import matmul_peak_flops
 
-    Example:
-        >>> # matmul_peak_gflops(2) -> e.g. 120.0 on a 2-core AVX2 CPU
-    """
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_CODE, str(repeats)],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def count_macs(model) -> int:
-    """Multiply-accumulates of one image through a ConvMixer (convs, depthwise convs, head).
-
-    Example:
-        >>> import convmixer_tf
-        >>> count_macs(convmixer_tf.create_model("convmixer_256_8")) // 10**6
-        148
-    """
-    from export.rewrite import convmixer_arguments
-
-    args = convmixer_arguments(model)
-    height, width = args["input_shape"][:2]
-    dim, k, p = args["dim"], args["kernel_size"], args["patch_size"]
-    tokens = (height // p) * (width // p)
-    stem = tokens * p * p * 3 * dim
-    block = tokens * (k * k * dim + dim * dim)
-    head = dim * args.get("num_classes", 0) if args["include_top"] else 0
-    return stem + args["depth"] * block + head
+    return matmul_peak_flops(threads=threads) / 1e9
 
 
 def latency_ms(blob: bytes, threads: int, repeats: int = 50, warmup: int = 5) -> float:
@@ -144,65 +107,58 @@ def torch_eager_ms(python: str, arch: dict, size: int, threads: int, repeats: in
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _load_split(args, image_size, split, limit, shuffle=False, batch_size=64):
-    from training.data import load_dataset
-
-    return load_dataset(
-        data_dir=args.data_dir, dataset=args.dataset, split=split, image_size=image_size,
-        batch_size=batch_size, shuffle=shuffle, limit_per_class=limit, seed=0,
-    )  # fmt: skip
-
-
 def benchmark_formats(model, args) -> dict:
-    """Converts ``model`` to every format and measures each (see the module docstring)."""
-    from export import quantize, rewrite, tflite
-    from export.__main__ import calibration_images
+    """Exports ``model`` to every format (:func:`export.export_model`) and measures each."""
+    import convmixer_tf
+    from export import pipeline
     from export.evaluate import evaluate
+    from training.data import data_source_kwargs, load_dataset
+    from training.measure import forward_macs
 
-    arch = rewrite.convmixer_arguments(model)
+    model = pipeline.fixed_input_model(model)
+    arch = convmixer_tf.model_arguments(model)
     image_size = tuple(int(d) for d in arch["input_shape"][:2])
-    have_data = bool(args.data_dir or args.dataset)
-    calibration = val = None
-    if have_data:
-        train_ds, _ = _load_split(args, image_size, "train", None, shuffle=True)
-        calibration = calibration_images(train_ds, args.calibration_images)
-        val_ds, _ = _load_split(args, image_size, "validation", args.val_per_class)
-        val = list(val_ds.as_numpy_iterator())
-    else:
+    data = data_source_kwargs(args) if (args.data_dir or args.dataset) else None
+    val = None
+    if data is None:
         calibration = np.random.default_rng(0).uniform(0, 255, (32, *image_size, 3))
-
-    formats = list(FLOAT_FORMATS) + ["int8"]
-    qat_model = None
-    if have_data and args.qat_steps:
-        start = time.perf_counter()
-        qat_model = quantize.quantize_model(model, calibration_images=calibration)
-        train_ds, _ = _load_split(args, image_size, "train", None, shuffle=True,
-                                  batch_size=args.qat_batch_size)  # fmt: skip
-        fit = quantize.finetune(
-            qat_model, train_ds, steps=args.qat_steps, learning_rate=args.qat_lr
+    else:
+        train_ds, _ = load_dataset(
+            **data, split="train", image_size=image_size, batch_size=64, shuffle=True, seed=0
         )
-        print(f"QAT: {args.qat_steps} steps in {time.perf_counter() - start:.0f} s: {fit}")
-        formats.append("qat")
+        calibration = pipeline.draw_calibration_images(train_ds, args.calibration_images)
+        val_ds, _ = load_dataset(
+            **{**data, "limit_per_class": args.val_per_class}, split="validation",
+            image_size=image_size, batch_size=64,
+        )  # fmt: skip
+        val = list(val_ds.as_numpy_iterator())
 
+    formats = [*FLOAT_FORMATS, "int8"] + (["qat"] if data is not None and args.qat_steps else [])
     peak = {t: matmul_peak_gflops(t) for t in (1, args.threads)}
-    macs = count_macs(model)
+    macs = forward_macs(model)
     rows = []
     for fmt in formats:
         start = time.perf_counter()
-        source = quantize.rebatch_qat_model(qat_model) if fmt == "qat" else model
-        blob = tflite.convert(source, fmt, calibration_images=calibration)
+        result = pipeline.export_model(
+            model, fmt, data=data, calibration_images=calibration,
+            qat_steps=args.qat_steps if fmt == "qat" else None, qat_lr=args.qat_lr,
+            qat_batch_size=args.qat_batch_size, verbose=0,
+        )  # fmt: skip
+        blob = result.blob
         row = {"format": fmt, "bytes": len(blob), "convert_s": time.perf_counter() - start,
                "partitions": xnnpack_partitions(blob)}  # fmt: skip
-        if fmt in tflite.INTEGER_FORMATS:
-            row["fully_integer"] = not tflite.integer_problems(blob)
+        if fmt == "qat":
+            print(f"QAT: {args.qat_steps} steps: {result.report['qat']}", file=sys.stderr)
+        if "fully_integer" in result.report:
+            row["fully_integer"] = result.report["fully_integer"]
         for threads in (1, args.threads):
             row[f"latency_ms_{threads}t"] = latency_ms(blob, threads, repeats=args.repeats)
         if val is not None:
-            reference = qat_model if fmt == "qat" else model
-            result = evaluate(blob, val, keras_model=reference, num_threads=args.threads)
-            row.update(top1=result["top1"], n=result["n"], agreement=result["agreement"],
-                       reference_top1=result["keras_top1"])  # fmt: skip
-        print(json.dumps(row))
+            reference = result.qat_model if fmt == "qat" else model
+            scores = evaluate(blob, val, keras_model=reference, num_threads=args.threads)
+            row.update(top1=scores["top1"], n=scores["n"], agreement=scores["agreement"],
+                       reference_top1=scores["keras_top1"])  # fmt: skip
+        print(json.dumps(row), file=sys.stderr)
         rows.append(row)
     fp32 = rows[0]
     for row in rows:
@@ -224,8 +180,6 @@ def benchmark_formats(model, args) -> dict:
 
 def write_table(summary: dict, path: str, machine: str) -> str:
     """The Markdown table of a :func:`benchmark_formats` result."""
-    from export.tflite import write_atomic
-
     threads = sorted(summary["matmul_peak_gflops"])
     many = threads[-1]
     lines = [
@@ -247,7 +201,7 @@ def write_table(summary: dict, path: str, machine: str) -> str:
         )
     lines += [
         "",
-        f"MACs: {summary['macs'] / 1e6:.1f} M. numpy float32 matmul peak: "
+        f"MACs: {summary['macs'] / 1e6:.1f} M. float32 tf.matmul peak: "
         + ", ".join(f"{summary['matmul_peak_gflops'][t]:.1f} GFLOP/s at {t}t" for t in threads)
         + ". fp32 latency / (2 MACs / peak): "
         + ", ".join(f"{summary['fp32_over_bound'][t]:.2f}x at {t}t" for t in threads)
@@ -256,7 +210,7 @@ def write_table(summary: dict, path: str, machine: str) -> str:
     if summary.get("float_top1") is not None:
         lines.append(f"Float Keras model top-1: {summary['float_top1']:.2f}%.")
     text = "\n".join(lines) + "\n"
-    write_atomic(path, text)
+    files.write_atomic(path, text)
     return text
 
 
@@ -283,24 +237,23 @@ def plot(summary: dict, path: str) -> None:
         ax.set_ylabel("top-1 (%)" if has_accuracy else "(no accuracy: untrained)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def benchmark_imagenet_variants(args) -> list[dict]:
     """Latency of ConvMixer-1024/20 at 224 with kernel 9 and 7: plain vs tiled depthwise, fp32
     and int8 (calibrated on random pixels: random weights, for latency only)."""
     import convmixer_tf
-    from export import rewrite, tflite
+    from export import tflite
     from export.evaluate import TFLiteClassifier
 
     rows = []
     for kernel in args.kernels:
         model = convmixer_tf.create_model(args.imagenet_preset, kernel_size=kernel)
         reference = None
-        arch = rewrite.convmixer_arguments(model)
+        arch = convmixer_tf.model_arguments(model)
         size = int(arch["input_shape"][0])
         probe = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
         calibration = np.random.default_rng(1).uniform(0, 255, (8, size, size, 3))
@@ -318,26 +271,28 @@ def benchmark_imagenet_variants(args) -> list[dict]:
                 row["max_rel_diff_vs_plain"] = float(
                     np.abs(out - reference).max() / np.abs(reference).max()
                 )
-            print(json.dumps(row))
+            print(json.dumps(row), file=sys.stderr)
             rows.append(row)
         torch_ms = torch_eager_ms(args.torch_python, arch, size, args.threads, args.repeats)
         if torch_ms is not None:
             row = {"model": args.imagenet_preset, "kernel": kernel, "format": "fp32",
                    "depthwise": "PyTorch eager", "latency_ms": torch_ms}  # fmt: skip
-            print(json.dumps(row))
+            print(json.dumps(row), file=sys.stderr)
             rows.append(row)
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__)
+    from training.data import add_data_source_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export.benchmark", description=__doc__.splitlines()[0]
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="a trained .keras ConvMixer")
     what.add_argument("--preset", help="an untrained preset, e.g. convmixer_256_8")
     what.add_argument("--imagenet-variants", action="store_true")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data-dir")
-    source.add_argument("--dataset")
+    add_data_source_arguments(parser, required=False)
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="held-out images per class for accuracy (default: all)")  # fmt: skip
     parser.add_argument("--calibration-images", type=int, default=256)
@@ -352,16 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-python", default=None, help="python of a venv with torch (PyTorch eager timing)"
     )
     parser.add_argument("--machine", default="2-core x86 CPU, AVX2, no VNNI")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="folder for the result files")
+    parser.add_argument("--out-dir", dest="output_dir", action=cli.DeprecatedAlias,
+                        new_option="--output-dir", help=argparse.SUPPRESS)  # fmt: skip
+    cli.add_debug_argument(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point."""
-    args = build_parser().parse_args(argv)
-    from export import tflite
-
-    os.makedirs(args.out_dir, exist_ok=True)
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark ``args`` ask for; the table goes to stdout, progress to stderr."""
+    files.check_writable(os.path.join(args.output_dir, "results.json"))
     if args.imagenet_variants:
         rows = benchmark_imagenet_variants(args)
         lines = [f"Machine: {args.machine}. Batch 1, {args.threads} threads, median.", "",
@@ -375,29 +330,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"| {row['latency_ms']:.1f} | {row.get('partitions', '-')} "
                 f"| {'-' if diff is None else f'{diff:.1e}'} |"
             )
-        tflite.write_atomic(os.path.join(args.out_dir, "imagenet_variants.md"), "\n".join(lines))
-        tflite.write_atomic(
-            os.path.join(args.out_dir, "imagenet_variants.json"), json.dumps(rows, indent=1)
+        files.write_atomic(os.path.join(args.output_dir, "imagenet_variants.md"), "\n".join(lines))
+        files.write_atomic(
+            os.path.join(args.output_dir, "imagenet_variants.json"), json.dumps(rows, indent=1)
         )
         print("\n".join(lines))
-        return {"rows": rows}
+        return 0
+
+    import convmixer_tf
 
     if args.model:
-        from export.evaluate import load_keras_model
-
-        model = load_keras_model(args.model)
+        model = convmixer_tf.load_model(args.model)
     else:
-        import convmixer_tf
-
         model = convmixer_tf.create_model(args.preset)
     summary = benchmark_formats(model, args)
-    tflite.write_atomic(
-        os.path.join(args.out_dir, "results.json"), json.dumps(summary, indent=1, default=str)
+    files.write_atomic(
+        os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=1, default=str)
     )
-    print(write_table(summary, os.path.join(args.out_dir, "results.md"), args.machine))
-    plot(summary, os.path.join(args.out_dir, "results.png"))
-    return summary
+    print(write_table(summary, os.path.join(args.output_dir, "results.md"), args.machine))
+    plot(summary, os.path.join(args.output_dir, "results.png"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+
+import convmixer_tf
+from convmixer_tf import cli
 
 
 class TFLiteClassifier:
@@ -42,9 +46,12 @@ class TFLiteClassifier:
         if isinstance(model, bytes):
             self.interpreter = Interpreter(model_content=model, num_threads=num_threads)
         else:
-            if not os.path.exists(model):
+            if not os.path.isfile(model):
                 raise ValueError(f"TFLite file not found: {os.fspath(model)!r}")
-            self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+            try:
+                self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+            except ValueError as e:
+                raise ValueError(f"Cannot read {os.fspath(model)!r} as a .tflite model: {e}") from e
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -125,28 +132,6 @@ def evaluate(
     return result
 
 
-def load_keras_model(path: str | os.PathLike):
-    """Loads a ``.keras`` ConvMixer as a Keras 3 model, the input of every export.
-
-    Files saved by Keras 3 load as they are; files saved by tf_keras (multi-worker training
-    runs through tf_keras, keras-team/keras#20585) are loaded with tf_keras and rebuilt as the
-    same Keras 3 model with the same weights (:func:`export.rewrite.rebuild`). ValueError for a
-    missing or unreadable file.
-
-    Example:
-        >>> # load_keras_model("runs/cifar10_convmixer_256_8/model.keras")
-    """
-    import tf_keras
-
-    from export import rewrite  # also registers TiledDepthwiseConv2D
-    from training.evaluate import load_model
-
-    model = load_model(os.fspath(path))
-    if isinstance(model, tf_keras.Model):
-        model = rewrite.rebuild(model, keras_module="keras")
-    return model
-
-
 def build_parser() -> argparse.ArgumentParser:
     from training.data import add_evaluation_data_arguments
 
@@ -157,25 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keras", default=None, help="the .keras model to compare with")
     parser.add_argument("--threads", type=int, default=1)
     add_evaluation_data_arguments(parser)
+    cli.add_debug_argument(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point; prints and returns the JSON result."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Evaluates as ``args`` say; prints one JSON line."""
     from training.data import evaluation_data_kwargs, load_dataset
 
     classifier = TFLiteClassifier(args.tflite)
+    keras_model = convmixer_tf.load_model(args.keras) if args.keras else None
     height, width = (int(d) for d in classifier.input["shape"][1:3])
     dataset, _ = load_dataset(image_size=(height, width), **evaluation_data_kwargs(args))
-    keras_model = load_keras_model(args.keras) if args.keras else None
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
         num_threads=args.threads,
     )  # fmt: skip
     print(json.dumps(result))
-    return result
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -60,7 +60,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
     QuantizeLayer,
 )
 
-from export.rewrite import batch_norm_as_depthwise, rebuild
+import convmixer_tf
+from export.rewrite import batch_norm_as_depthwise
+from export.rewrite import fold_preprocessing as fold_input_normalization
 
 _quantizers = tfmot.quantization.keras.quantizers
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
@@ -280,7 +282,7 @@ def to_tf_keras(model, batch_size: int | None = None) -> tf_keras.Model:
         >>> to_tf_keras(model).count_params() == model.count_params()
         True
     """
-    return rebuild(model, keras_module="tf_keras", batch_size=batch_size)
+    return convmixer_tf.rebuild(model, keras_module="tf_keras", batch_size=batch_size)
 
 
 def annotate(model: tf_keras.Model) -> tf_keras.Model:
@@ -326,7 +328,8 @@ def quantize_model(
     """Returns the fake-quantized tf_keras model (QAT-ready) of a Keras 3 or tf_keras ConvMixer.
 
     The model is rebuilt as tf_keras (with the input normalization folded into the stem conv by
-    default, see :func:`export.rewrite.rebuild`), its BatchNorms turned into the equal 1x1
+    default, see :func:`export.rewrite.fold_preprocessing`), its BatchNorms turned into the equal
+    1x1
     depthwise convs (:func:`export.rewrite.batch_norm_as_depthwise`: QAT then fine-tunes them
     as frozen-statistics affines, the usual BN folding of QAT), annotated from
     :data:`QUANTIZE_POLICY`, and its input quantizer set to the raw pixel range [0, 255]
@@ -336,8 +339,7 @@ def quantize_model(
     every quantizer's range before fine-tuning (:func:`calibrate_ranges`). Without them tfmot
     starts every activation range at [-6, 6] and moves it by 0.1% per step (EMA decay 0.999):
     a model whose activations exceed that is clipped to chance accuracy and a few hundred QAT
-    steps do not recover it (measured: a ConvMixer-256/8 at 80.9% gave 10% fake-quant top-1
-    before and 12.8% after 100 steps).
+    steps do not recover it (docs/export.md has the measurement).
 
     Example:
         >>> import convmixer_tf
@@ -346,9 +348,10 @@ def quantize_model(
         >>> qat_model.get_layer("quant_head").name
         'quant_head'
     """
-    model = rebuild(
-        model, keras_module="tf_keras", batch_size=batch_size, fold_preprocessing=fold_preprocessing
-    )
+    if fold_preprocessing:
+        model = fold_input_normalization(model, keras_module="tf_keras", batch_size=batch_size)
+    else:
+        model = to_tf_keras(model, batch_size=batch_size)
     model = batch_norm_as_depthwise(model)
     with quantize_scope():
         qat_model = tfmot.quantization.keras.quantize_apply(
@@ -536,16 +539,6 @@ def snap_biases(qat_model: tf_keras.Model) -> dict[str, float]:
         changes[wrapper.name] = float(np.max(np.abs(snapped - values)))
         bias.assign(snapped)
     return changes
-
-
-def predict_logits(model, images: np.ndarray | Sequence, batch_size: int = 64) -> np.ndarray:
-    """Runs a Keras (3 or tf_keras) model in inference mode on float pixel batches."""
-    images = np.asarray(images, dtype="float32")
-    outs = [
-        np.asarray(model(images[i : i + batch_size], training=False))
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(outs, axis=0)
 
 
 def rebatch_qat_model(qat_model: tf_keras.Model, batch_size: int | None = 1) -> tf_keras.Model:

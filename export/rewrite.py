@@ -27,63 +27,6 @@ import numpy as np
 import tf_keras
 
 import convmixer_tf
-import convmixer_tf.model
-
-
-def convmixer_arguments(model) -> dict:
-    """Recovers the :func:`convmixer_tf.ConvMixer` arguments of a built ConvMixer.
-
-    Works on Keras 3 and tf_keras models (read from layer names and configs, see
-    :mod:`convmixer_tf.blocks`). Raises a ValueError naming the missing layer if ``model`` is not
-    a ConvMixer.
-
-    Example:
-        >>> import convmixer_tf
-        >>> model = convmixer_tf.ConvMixer(16, 2, 5, 2, input_shape=(16, 16, 3), num_classes=10)
-        >>> convmixer_arguments(model)["depth"]
-        2
-    """
-    names = {layer.name for layer in getattr(model, "layers", [])}
-    for required in ("stem_conv", "stem_act", "stem_bn", "blocks_0_dwconv"):
-        if required not in names:
-            raise ValueError(
-                f"Model {getattr(model, 'name', model)!r} is not a ConvMixer built by "
-                f"convmixer_tf: it has no layer named {required!r}."
-            )
-    depth = 0
-    while f"blocks_{depth}_dwconv" in names:
-        depth += 1
-    stem = model.get_layer("stem_conv")
-    dwconv = model.get_layer("blocks_0_dwconv")
-    activation = model.get_layer("stem_act").get_config()["activation"]
-    if not isinstance(activation, str):
-        raise ValueError(f"Unsupported activation in 'stem_act': {activation!r}")
-    args = {
-        "dim": int(stem.filters),
-        "depth": depth,
-        "kernel_size": int(dwconv.kernel_size[0]),
-        "patch_size": int(stem.kernel_size[0]),
-        "activation": activation,
-        "input_shape": tuple(model.input_shape[1:]),
-        "include_preprocessing": "preprocessing" in names,
-        "include_top": "head" in names,
-        "synchronized_bn": bool(model.get_layer("stem_bn").get_config().get("synchronized")),
-        "name": model.name,
-    }
-    if args["include_preprocessing"]:
-        norm = model.get_layer("preprocessing")
-        mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
-        variance = np.ravel(np.asarray(norm.variance, dtype="float64"))
-        args["mean"] = tuple(float(v) for v in mean / 255.0)
-        args["std"] = tuple(float(v) for v in np.sqrt(variance) / 255.0)
-    if args["include_top"]:
-        head = model.get_layer("head")
-        args["num_classes"] = int(head.units)
-        head_activation = head.get_config()["activation"]
-        args["classifier_activation"] = None if head_activation == "linear" else head_activation
-    else:
-        args["pooling"] = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
-    return args
 
 
 @keras.saving.register_keras_serializable(package="convmixer_export")
@@ -103,7 +46,7 @@ class TiledDepthwiseConv2D(keras.layers.Layer):
 
     Example:
         >>> layer = TiledDepthwiseConv2D(kernel_size=9, tile=5)
-        >>> layer(np.zeros((1, 8, 8, 4), "float32")).shape
+        >>> tuple(layer(np.zeros((1, 8, 8, 4), "float32")).shape)
         (1, 8, 8, 4)
     """
 
@@ -179,64 +122,14 @@ class TiledDepthwiseConv2D(keras.layers.Layer):
         return {**super().get_config(), "kernel_size": self.kernel_size, "tile": self.tile}
 
 
-def rebuild(
-    model,
-    *,
-    keras_module: str = "keras",
-    batch_size: int | None = None,
-    fold_preprocessing: bool = False,
-):
-    """Rebuilds a ConvMixer from :func:`convmixer_tf.ConvMixer` with the same weights.
-
-    Args:
-        model: a ConvMixer (Keras 3 or tf_keras), e.g. loaded from a ``.keras`` file.
-        keras_module: ``"keras"`` (Keras 3) or ``"tf_keras"`` (for tfmot).
-        batch_size: a static batch size for the input (1 for edge exports) or None.
-        fold_preprocessing: fold the input normalization ((x - mean) / std) into the stem conv
-            (valid padding, stride = kernel: exact). The rebuilt model still takes raw pixels
-            0..255, and the first op of its .tflite is the stem CONV_2D.
-
-    Example:
-        >>> import convmixer_tf
-        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
-        >>> rebuild(model, keras_module="tf_keras", batch_size=1).input_shape
-        (1, 16, 16, 3)
-    """
-    args = convmixer_arguments(model)
-    fold = fold_preprocessing and args["include_preprocessing"]
-    if fold:
-        args["include_preprocessing"] = False
-    target_keras = convmixer_tf.model.resolve_keras(keras_module)
-    input_shape = args.pop("input_shape")
-    pixels = target_keras.Input(shape=input_shape, batch_size=batch_size, name="pixels")
-    rebuilt = convmixer_tf.ConvMixer(**args, input_tensor=pixels, keras_module=keras_module)
-    for layer in rebuilt.layers:
-        if layer.weights:
-            source = model.get_layer(layer.name).get_weights()
-            if [w.shape for w in source] != [tuple(w.shape) for w in layer.get_weights()]:
-                raise ValueError(
-                    f"Cannot rebuild layer {layer.name!r}: weight shapes differ "
-                    f"({[w.shape for w in source]} vs {[w.shape for w in layer.get_weights()]})."
-                )
-            layer.set_weights(source)
-    if fold:
-        norm = model.get_layer("preprocessing")
-        mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
-        std = np.sqrt(np.ravel(np.asarray(norm.variance, dtype="float64")))
-        kernel, bias = (
-            np.asarray(w, dtype="float64") for w in model.get_layer("stem_conv").get_weights()
-        )
-        # conv((x - m) / s) = conv'(x) with W' = W / s (per input channel), b' = b - sum(W m / s).
-        new_kernel = kernel / std[None, None, :, None]
-        new_bias = bias - np.einsum("hwcd,c->d", kernel, mean / std)
-        rebuilt.get_layer("stem_conv").set_weights(
-            [new_kernel.astype("float32"), new_bias.astype("float32")]
-        )
-    return rebuilt
-
-
-def fold_preprocessing(model):
+def fold_preprocessing(model, *, keras_module: str = "keras", batch_size: int | None = None):
     """Returns an equivalent ConvMixer whose stem conv includes the input normalization.
+
+    ``conv((x - mean) / std)`` is ``conv'(x)`` with the kernel divided by ``std`` per input
+    channel and the bias shifted: exact, because the stem conv has valid padding and stride =
+    kernel. The result still takes raw pixels 0..255 and the first op of its .tflite is the stem
+    CONV_2D. Rebuilt with ``keras_module`` and ``batch_size`` (see :func:`convmixer_tf.rebuild`);
+    a model without preprocessing is only rebuilt.
 
     Example:
         >>> import convmixer_tf
@@ -244,7 +137,24 @@ def fold_preprocessing(model):
         >>> "preprocessing" in [layer.name for layer in fold_preprocessing(model).layers]
         False
     """
-    return rebuild(model, fold_preprocessing=True)
+    if not convmixer_tf.model_arguments(model)["include_preprocessing"]:
+        return convmixer_tf.rebuild(model, keras_module=keras_module, batch_size=batch_size)
+    rebuilt = convmixer_tf.rebuild(
+        model, keras_module=keras_module, batch_size=batch_size, include_preprocessing=False
+    )
+    norm = model.get_layer("preprocessing")
+    mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
+    std = np.sqrt(np.ravel(np.asarray(norm.variance, dtype="float64")))
+    kernel, bias = (
+        np.asarray(w, dtype="float64") for w in model.get_layer("stem_conv").get_weights()
+    )
+    # conv((x - m) / s) = conv'(x) with W' = W / s (per input channel), b' = b - sum(W m / s).
+    new_kernel = kernel / std[None, None, :, None]
+    new_bias = bias - np.einsum("hwcd,c->d", kernel, mean / std)
+    rebuilt.get_layer("stem_conv").set_weights(
+        [new_kernel.astype("float32"), new_bias.astype("float32")]
+    )
+    return rebuilt
 
 
 def _clone_replacing(model, replacement, load_replaced):
@@ -299,7 +209,7 @@ def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> ke
         >>> tiled.get_layer("blocks_0_dwconv").tile
         3
     """
-    convmixer_arguments(model)
+    convmixer_tf.model_arguments(model)
     large = {
         layer.name
         for layer in model.layers
@@ -343,7 +253,7 @@ def batch_norm_as_depthwise(model):
         >>> type(batch_norm_as_depthwise(model).get_layer("stem_bn")).__name__
         'DepthwiseConv2D'
     """
-    convmixer_arguments(model)
+    convmixer_tf.model_arguments(model)
     module = tf_keras if isinstance(model, tf_keras.Model) else keras
     norms = {
         layer.name: layer

@@ -21,9 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import tempfile
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import flatbuffers
@@ -34,22 +35,14 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from export import quantize, rewrite
+from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
 
-FORMATS = ("fp32", "fp16", "dynamic", "int8", "qat")
-INTEGER_FORMATS = ("int8", "qat")
-IO_TYPES = ("int8", "uint8")
-# How an int8 (PTQ) graph computes the BatchNorms: "depthwise" (1x1 depthwise convs with
-# per-channel int8 weights: accurate) or "mul" (MUL + ADD with one int8 scale for the
-# multipliers: the converter's default, a smaller file). QAT always uses "depthwise".
-BATCH_NORM_MODES = ("depthwise", "mul")
 # Raw pixels map exactly: scale 1, zero point by io type.
 PIXEL_QUANTIZATION = {"int8": (1.0, -128), "uint8": (1.0, 0)}
 # XNNPACK's fast depthwise kernels stop at 5x5: larger kernels are tiled.
 FAST_DEPTHWISE_KERNEL = 5
-# The tile size "auto" uses, in every format but qat. Measured on ConvMixer-1024/20 at 224x224,
-# 2 threads, idle 2-core AVX2 CPU (python -m export.benchmark --imagenet-variants, Nov 24 03:22):
-# fp32 k9 plain 284 ms, 5x5 tiles 110 ms, 3x3 tiles 94 ms; k7 221 / 107 / 94 ms (PyTorch eager
-# 102 / 99 ms); int8 k9 plain 567 ms, 3x3 tiles 91 ms; k7 371 / 89 ms.
+# The tile size "auto" uses, in every format but qat: 3x3 tiles were the fastest of plain, 5x5
+# and 3x3 in fp32 and int8 (docs/export.md has the measurements).
 DEFAULT_DEPTHWISE_TILE = 3
 LABELS_METADATA = "convmixer_labels"
 
@@ -93,24 +86,22 @@ def prepare_keras_model(
 ):
     """The Keras 3 model that is converted for a float/int8 format: batch 1, rewrites applied.
 
-    ``depthwise_tile``: ``"auto"`` tiles k x k depthwise convs with k > 5 into 3x3 ones (float
-    formats and int8: XNNPACK's int8 depthwise kernels fall off the same cliff, 567 ms plain vs
-    91 ms tiled for ConvMixer-1024/20 k9; the int8 tiles add their partial sums as int8 ADDs:
-    mean |logit error| against Keras 1.20% of the logits' std vs 1.16% plain, on a random-weight
-    ConvMixer-256/8 k9); an int tiles them with that size; None never tiles.
+    ``depthwise_tile``: ``"auto"`` tiles k x k depthwise convs with k > 5 into 3x3 ones, in the
+    float formats and in int8 (XNNPACK's int8 depthwise kernels fall off the same cliff as its
+    float ones; the int8 tiles add their partial sums as int8 ADDs, about as accurate as the
+    plain conv); an int tiles them with that size; None never tiles.
 
     For int8 with ``batch_norm="depthwise"`` (default), every BatchNorm becomes the equal 1x1
-    depthwise conv
-    (:func:`export.rewrite.batch_norm_as_depthwise`: per-channel int8 multipliers instead of a
-    per-tensor MUL constant; measured +1.7 points of PTQ top-1 on an undertrained model, and a
-    file 0.018x of fp32 larger for the per-channel parameters: ConvMixer-256/8 717,088 vs
-    673,288 bytes); ``"mul"`` keeps the converter's MUL + ADD.
+    depthwise conv (:func:`export.rewrite.batch_norm_as_depthwise`: per-channel int8
+    multipliers instead of a per-tensor MUL constant: better PTQ accuracy, a slightly larger
+    file for the per-channel parameters); ``"mul"`` keeps the converter's MUL + ADD.
+    docs/export.md has the measurements.
     """
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(
             f"`batch_norm` must be one of {BATCH_NORM_MODES}. Received: batch_norm={batch_norm!r}"
         )
-    model = rewrite.rebuild(model, batch_size=1, fold_preprocessing=True)
+    model = rewrite.fold_preprocessing(model, batch_size=1)
     if fmt in INTEGER_FORMATS and batch_norm == "depthwise":
         model = rewrite.batch_norm_as_depthwise(model)
     if depthwise_tile == "auto":
@@ -188,7 +179,9 @@ def convert(
             model, fmt, depthwise_tile=depthwise_tile, batch_norm=batch_norm
         )
 
-    blob = bytes(make_converter(model, fmt, calibration_images, io_type).convert())
+    # Keras' SavedModel export prints its endpoints on stdout: keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        blob = bytes(make_converter(model, fmt, calibration_images, io_type).convert())
     # One parse, every edit, one serialization (with shared vectors).
     flat = _model_object(blob)
     if fmt in INTEGER_FORMATS:
@@ -235,14 +228,13 @@ class _SharingBuilder(flatbuffers.Builder):
     These are the quantization vectors (per-channel scales, float32; zero points, int64), the
     tensor shapes and shape signatures (int32) and the operators' input/output index lists
     (int32). Every per-channel int8 weight and int32 bias carries one zero point per channel,
-    all 0, so the converter's output repeats the same 2 KiB of int64 zeros for every 256-channel
-    tensor (137 KB of an 858 KB ConvMixer-256/8 int8 file); most tensors share a shape. A
+    all 0, so the converter's output repeats the same int64 zeros for every tensor (2 KiB per
+    256-channel tensor); most tensors share a shape. A
     flatbuffer may point several tables at one vector (it is read-only; the builder writes back
     to front, so an earlier vector lies ahead of every later reference), which is what
     flatbuffers' own ``CreateSharedString`` does. Weight buffers (uint8) are never shared.
     The graph, weights and quantization parameters are unchanged (identical interpreter outputs,
-    tested). Measured on ConvMixer-256/8 (k5 p2): int8 858,160 -> 717,064 bytes, fp32 2,405,232
-    -> 2,402,904: int8 0.357x -> 0.298x of fp32.
+    tested); the size it saves is in docs/export.md.
     """
 
     _SHARED_KINDS = ("<f4", "<i8", "<i4")
@@ -267,20 +259,15 @@ def _model_bytes(model) -> bytes:
     return bytes(builder.Output())
 
 
-def pin_input_quantization(blob: bytes, scale: float, zero_point: int) -> bytes:
-    """Sets the input tensor's quantization to ``(scale, zero_point)`` (raw pixels exactly).
+def _pin_input(model, scale: float, zero_point: int) -> bool:
+    """Sets the input tensor's quantization to ``(scale, zero_point)`` (raw pixels exactly);
+    False if nothing had to change.
 
     Calibration measures the input range from the data (e.g. scale 0.99996 when no pixel is
     255). The int32 biases of the ops that read the input are quantized with
     ``input_scale * weight_scale``, so they are requantized too. Inputs that already have these
     parameters (QAT) are left unchanged.
     """
-    model = _model_object(blob)
-    return _model_bytes(model) if _pin_input(model, scale, zero_point) else blob
-
-
-def _pin_input(model, scale: float, zero_point: int) -> bool:
-    """:func:`pin_input_quantization` on a model object; False if nothing had to change."""
     graph = model.subgraphs[0]
     (input_index,) = graph.inputs
     tensor = graph.tensors[input_index]
@@ -439,29 +426,6 @@ def edgetpu_report(blob: bytes) -> dict:
     if unsupported:
         problems.append(f"ops not supported by the Edge TPU: {unsupported}")
     return {"compatible": not problems, "unsupported_ops": unsupported, "problems": problems}
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    Example:
-        >>> # write_atomic("out/model.tflite", blob)
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def labels_path(tflite_path: str | os.PathLike) -> str:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import convmixer_tf
-from training import benchmark
+from training import benchmark, measure
 
 
 def test_forward_macs_counts_convs_and_dense_from_shapes():
@@ -18,26 +18,26 @@ def test_forward_macs_counts_convs_and_dense_from_shapes():
         + positions * 16 * 16  # pointwise 1x1
         + 16 * 10  # head
     )
-    assert benchmark.forward_macs(model) == expected
-    assert benchmark.training_flops_per_image(model) == 6 * expected
+    assert measure.forward_macs(model) == expected
+    assert measure.training_flops_per_image(model) == 6 * expected
 
 
 def test_forward_macs_of_convmixer_256_8_matches_reference():
     # REFERENCE.md: ConvMixer-256/8 at 32x32 has about 148 M MACs
     model = convmixer_tf.create_model("convmixer_256_8")
-    assert 147e6 < benchmark.forward_macs(model) < 149e6
+    assert 147e6 < measure.forward_macs(model) < 149e6
 
 
 def test_forward_macs_needs_a_fixed_input_size():
     model = convmixer_tf.ConvMixer(16, 1, 3, 2, num_classes=10)  # (None, None, 3) input
     with pytest.raises(ValueError, match="stem_conv.*fixed input_shape"):
-        benchmark.forward_macs(model)
+        measure.forward_macs(model)
 
 
 def test_matmul_peak_is_positive_and_checks_arguments():
-    assert benchmark.matmul_peak_flops(size=128, repeats=2) > 1e6
+    assert measure.matmul_peak_flops(size=128, repeats=2) > 1e6
     with pytest.raises(ValueError, match="positive"):
-        benchmark.matmul_peak_flops(size=0)
+        measure.matmul_peak_flops(size=0)
 
 
 @pytest.mark.slow  # builds the real training pipeline and traces a training step
@@ -65,7 +65,7 @@ def test_cli_prints_one_json_line_with_sane_values(capsys, cifar10_train_dir):
     assert record["img_per_s"] > 0 and record["step_ms_median"] > 0
     assert 0 < record["fraction_of_peak"] < 1
     model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(32, 32, 3), num_classes=10)
-    flops = benchmark.training_flops_per_image(model)
+    flops = measure.training_flops_per_image(model)
     assert record["train_gflop_per_image"] == pytest.approx(flops / 1e9, abs=1e-4)
     assert record["achieved_gflops"] == pytest.approx(
         record["img_per_s"] * flops / 1e9, rel=0.01, abs=1e-3

@@ -157,7 +157,7 @@ def test_learning_rate_scaling_rejects_unknown_rule():
 def test_shard_policy_is_set_on_the_dataset(policy):
     ds = distribute.with_shard_policy(tf.data.Dataset.range(8).batch(2), policy)
     actual = ds.options().experimental_distribute.auto_shard_policy
-    assert actual == distribute.SHARD_POLICIES[policy]
+    assert actual == distribute.AUTO_SHARD_POLICY[policy]
 
 
 def test_shard_policy_rejects_unknown_name():
@@ -183,13 +183,13 @@ def test_resolve_shard_policy(policy, image_folder, expected):
 
 
 def test_training_pipeline_has_the_static_shapes_tpus_need(cifar10_train_dir):
-    from training import augment
+    from training import pipeline
     from training.config import TrainConfig
 
     config = TrainConfig(
         data_dir=str(cifar10_train_dir), limit_per_class=2, image_size=16, batch_size=8
     )
-    train_data = augment.make_train_dataset(config)
+    train_data = pipeline.make_train_dataset(config)
     distribute.check_static_shapes(train_data.dataset)  # full batches of fixed-size images
     images, labels = train_data.dataset.element_spec
     assert images.shape.as_list() == [8, 16, 16, 3]

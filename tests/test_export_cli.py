@@ -1,11 +1,15 @@
 """python -m export end to end: a .keras file in, a verified .tflite and labels file out."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from export_helpers import tiny_model
+from conftest import REPO_ROOT
+from export_helpers import pixels, tiny_model
 
+import convmixer_tf
 from export import __main__ as cli
 from export import tflite
 from export.evaluate import TFLiteClassifier
@@ -18,15 +22,24 @@ def keras_path(tmp_path_factory):
     return path
 
 
+def run_cli(capfd, *argv):
+    """(exit code, stdout lines, stderr) of the CLI, at the file-descriptor level."""
+    status = cli.main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return status, out.splitlines(), err
+
+
 @pytest.mark.slow
-def test_int8_end_to_end(keras_path, tmp_path, cifar10_train_dir, capsys):
+def test_int8_end_to_end(keras_path, tmp_path, cifar10_train_dir, capfd):
     output = tmp_path / "out" / "tiny_int8.tflite"
-    result = cli.main(
-        ["--model", str(keras_path), "--format", "int8", "--output", str(output),
-         "--data-dir", str(cifar10_train_dir), "--limit-per-class", "3",
-         "--calibration-images", "24", "--edgetpu"]
+    status, out, _ = run_cli(
+        capfd, "--model", keras_path, "--format", "int8", "--output", output,
+        "--data-dir", cifar10_train_dir, "--limit-per-class", "3",
+        "--calibration-images", "24", "--edgetpu",
     )  # fmt: skip
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert status == 0
+    assert len(out) == 1  # the converter's logging went to stderr
+    result = json.loads(out[0])
     blob = output.read_bytes()
     assert result["fully_integer"] and tflite.integer_problems(blob) == []
     assert result["edgetpu"]["unsupported_ops"] == ["GELU"]
@@ -34,39 +47,79 @@ def test_int8_end_to_end(keras_path, tmp_path, cifar10_train_dir, capsys):
     assert tflite.read_labels(blob) == names
     assert (tmp_path / "out" / "tiny_int8.labels.txt").read_text().split() == names
     assert result["input_quantization"] == [1.0, -128]
-    assert TFLiteClassifier(str(output)).predict(np.zeros((1, 16, 16, 3), "float32")).shape == (
-        1,
-        10,
+    from training.data import load_dataset
+
+    dataset, _ = load_dataset(
+        data_dir=cifar10_train_dir, split="train", limit_per_class=3, image_size=16, batch_size=30
+    )
+    images = next(iter(dataset))[0].numpy()
+    logits = TFLiteClassifier(str(output)).predict(images)
+    reference = np.asarray(convmixer_tf.load_model(keras_path)(images))
+    assert np.abs(logits - reference).max() <= 0.1 * np.abs(reference).max()
+
+
+def test_fp32_of_a_model_without_fixed_input_size(tmp_path, capfd):
+    model = convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(None, None, 3), num_classes=10)
+    path = tmp_path / "any_size.keras"
+    model.save(path)
+    output = tmp_path / "m.tflite"
+    status, _, err = run_cli(capfd, "--model", path, "--format", "fp32", "--output", output)
+    assert status == 2 and "no fixed input size" in err and "--input-size" in err
+    assert "Traceback" not in err and not output.exists()
+    status, out, _ = run_cli(
+        capfd, "--model", path, "--format", "fp32", "--output", output, "--input-size", "16"
+    )
+    assert status == 0 and len(out) == 1
+    np.testing.assert_allclose(
+        TFLiteClassifier(str(output)).predict(pixels(2)), model(pixels(2)), rtol=1e-4, atol=1e-4
     )
 
 
-def test_int8_without_data_is_a_clear_error(keras_path, tmp_path):
-    with pytest.raises(SystemExit, match="needs training data"):
-        cli.main(["--model", str(keras_path), "--format", "int8",
-                  "--output", str(tmp_path / "m.tflite")])  # fmt: skip
-    assert not (tmp_path / "m.tflite").exists()
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--format", "int8"], "needs training data"),
+        (["--format", "qat", "--data-dir", "."], "--qat-steps or --qat-epochs"),
+        (["--format", "qat", "--data-dir", ".", "--qat-steps", "1", "--batch-norm", "mul"],
+         "applies to format int8 only"),
+        (["--format", "fp32", "--depthwise-tile", "big"], "depthwise_tile must be auto"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_one_line_before_any_work(keras_path, tmp_path, capfd, extra, message):
+    output = tmp_path / "m.tflite"
+    status, out, err = run_cli(capfd, "--model", keras_path, "--output", output, *extra)
+    assert status == 2 and out == []
+    assert err.startswith("python -m export: error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and not output.exists()
 
 
-def test_qat_without_length_is_a_clear_error(keras_path, tmp_path, cifar10_train_dir):
-    with pytest.raises(SystemExit, match="--qat-steps"):
-        cli.main(["--model", str(keras_path), "--format", "qat", "--output",
-                  str(tmp_path / "m.tflite"), "--data-dir", str(cifar10_train_dir)])  # fmt: skip
+def test_missing_model_and_output_directory_are_one_line(keras_path, tmp_path, capfd):
+    status, _, err = run_cli(
+        capfd, "--model", tmp_path / "missing.keras", "--format", "fp32", "--output",
+        tmp_path / "m.tflite",
+    )  # fmt: skip
+    assert status == 2 and "Model file not found" in err and "missing.keras" in err
+    assert len(err.strip().splitlines()) == 1
+    status, _, err = run_cli(capfd, "--model", keras_path, "--format", "fp32", "--output", tmp_path)
+    assert status == 2 and "is a directory" in err and "Traceback" not in err
 
 
-def test_qat_with_batch_norm_mul_is_a_clear_error(keras_path, tmp_path, cifar10_train_dir):
-    with pytest.raises(SystemExit, match="--batch-norm mul applies to --format int8 only"):
-        cli.main(["--model", str(keras_path), "--format", "qat", "--output",
-                  str(tmp_path / "m.tflite"), "--data-dir", str(cifar10_train_dir),
-                  "--qat-steps", "1", "--batch-norm", "mul"])  # fmt: skip
-    assert not (tmp_path / "m.tflite").exists()
-
-
-def test_non_convmixer_model_is_rejected(tmp_path):
+def test_non_convmixer_model_is_rejected(tmp_path, capfd):
     import keras
 
     inputs = keras.Input((16, 16, 3))
     path = tmp_path / "other.keras"
     keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs)).save(path)
-    with pytest.raises(ValueError, match="not a ConvMixer"):
-        cli.main(["--model", str(path), "--format", "fp32",
-                  "--output", str(tmp_path / "o.tflite")])  # fmt: skip
+    status, _, err = run_cli(
+        capfd, "--model", path, "--format", "fp32", "--output", tmp_path / "o.tflite"
+    )
+    assert status == 2 and "not a ConvMixer" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    command = [sys.executable, "-m", "export", "--model", str(tmp_path / "missing.keras"),
+               "--format", "fp32", "--output", str(tmp_path / "m.tflite")]  # fmt: skip
+    plain = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    debug = subprocess.run([*command, "--debug"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -51,35 +51,30 @@ def test_cli_prints_json(model, fp32_blob, tmp_path, cifar10_train_dir, capsys):
     tflite_path.write_bytes(fp32_blob)
     keras_path = tmp_path / "model.keras"
     model.save(keras_path)
-    result = evaluate.main(
+    status = evaluate.main(
         ["--tflite", str(tflite_path), "--data-dir", str(cifar10_train_dir),
          "--limit-per-class", "2", "--keras", str(keras_path)]
     )  # fmt: skip
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == result and result["n"] == 20
+    out = capsys.readouterr().out.strip().splitlines()
+    assert status == 0 and len(out) == 1
+    result = json.loads(out[0])
+    assert result["n"] == 20
     assert result["agreement"] == 100.0 and result["top1"] == result["keras_top1"]
 
 
-def test_models_saved_by_either_keras_load_as_keras_3(model, tmp_path):
-    import keras
-
-    from export import quantize
-
-    images = pixels(4)
-    tf_keras_model = quantize.to_tf_keras(model)  # as a multi-worker (tf_keras) run saves it
-    tf_keras_model.save(tmp_path / "tf_keras.keras")
-    model.save(tmp_path / "keras3.keras")
-    for name in ("tf_keras.keras", "keras3.keras"):
-        loaded = evaluate.load_keras_model(tmp_path / name)
-        assert isinstance(loaded, keras.Model), name
-        np.testing.assert_allclose(
-            keras_logits(loaded, images), keras_logits(model, images), rtol=1e-5, atol=1e-6
-        )
-    with pytest.raises(ValueError, match="not found"):
-        evaluate.load_keras_model(tmp_path / "missing.keras")
+def test_cli_errors_are_one_line(tmp_path, cifar10_train_dir, capsys):
+    corrupt = tmp_path / "corrupt.tflite"
+    corrupt.write_bytes(b"not a flatbuffer at all")
+    for path, message in ((tmp_path / "missing.tflite", "not found"), (corrupt, "Cannot read")):
+        status = evaluate.main(["--tflite", str(path), "--data-dir", str(cifar10_train_dir)])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and path.name in err
+        assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_holds_out_the_fraction_training_held_out(fp32_blob, tmp_path, cifar10_train_dir):
+def test_cli_holds_out_the_fraction_training_held_out(
+    fp32_blob, tmp_path, cifar10_train_dir, capsys
+):
     # a small image folder: 2 classes x 10 images, linked from the shared data
     for name in ("airplane", "automobile"):
         (tmp_path / "data" / name).mkdir(parents=True)
@@ -88,5 +83,10 @@ def test_cli_holds_out_the_fraction_training_held_out(fp32_blob, tmp_path, cifar
     tflite_path = tmp_path / "model.tflite"
     tflite_path.write_bytes(fp32_blob)
     base = ["--tflite", str(tflite_path), "--data-dir", str(tmp_path / "data")]
-    assert evaluate.main(base)["n"] == 2 * 1  # default 0.1: the last image of each class
-    assert evaluate.main([*base, "--validation-fraction", "0.5"])["n"] == 2 * 5
+
+    def evaluated(argv):
+        assert evaluate.main(argv) == 0
+        return json.loads(capsys.readouterr().out)["n"]
+
+    assert evaluated(base) == 2 * 1  # default 0.1: the last image of each class
+    assert evaluated([*base, "--validation-fraction", "0.5"]) == 2 * 5

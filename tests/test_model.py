@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf_keras
 
 import convmixer_tf
-from convmixer_tf import blocks
+from convmixer_tf import model as model_lib
 
 RNG = np.random.default_rng(0)
 
@@ -322,4 +322,4 @@ def test_mixed_precision_keeps_logits_float32(tiny_kwargs, policy, keras_module)
 
 
 def test_bn_constants_are_pytorch():
-    assert (blocks.BN_EPSILON, blocks.BN_MOMENTUM) == (1e-5, 0.9)
+    assert (model_lib.BN_EPSILON, model_lib.BN_MOMENTUM) == (1e-5, 0.9)

@@ -332,7 +332,7 @@ def test_imagenet_maps_to_the_presets_url(monkeypatch):
 
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
     monkeypatch.setattr(pretrained, "sha256_of", lambda path: "f" * 64)
-    monkeypatch.setattr(pretrained, "_write_text_atomic", lambda path, text: None)
+    monkeypatch.setattr(pretrained.files, "write_atomic", lambda path, text: None)
     # The architecture (not the name) decides: here a 224-pixel-free, small-input build.
     model = convmixer_tf.ConvMixer(768, 32, 7, 7, activation="relu", input_shape=(7, 7, 3))
     path = pretrained.resolve_weights(model, "imagenet")

@@ -180,7 +180,7 @@ def test_calibration_sets_every_range_before_fine_tuning():
     qat_model = quantize.quantize_model(model, calibration_images=images)
     # the float model QAT was built from, probed independently
     float_model = rewrite.batch_norm_as_depthwise(
-        rewrite.rebuild(model, keras_module="tf_keras", fold_preprocessing=True)
+        rewrite.fold_preprocessing(model, keras_module="tf_keras")
     )
     checked = 0
     for wrapper in qat_model.layers:

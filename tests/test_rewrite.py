@@ -9,24 +9,6 @@ from export.benchmark import xnnpack_partitions
 from export.evaluate import TFLiteClassifier
 
 
-def test_convmixer_arguments_round_trip():
-    model = tiny_model(kernel_size=7, activation="relu")
-    args = rewrite.convmixer_arguments(model)
-    assert (args["dim"], args["depth"], args["kernel_size"], args["patch_size"]) == (16, 2, 7, 2)
-    assert args["activation"] == "relu" and args["num_classes"] == 10
-    rebuilt = rewrite.rebuild(model)
-    np.testing.assert_array_equal(keras_logits(rebuilt, pixels(4)), keras_logits(model, pixels(4)))
-
-
-def test_not_a_convmixer_is_a_clear_error():
-    import keras
-
-    inputs = keras.Input((16, 16, 3))
-    other = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs))
-    with pytest.raises(ValueError, match="not a ConvMixer.*stem_conv"):
-        rewrite.convmixer_arguments(other)
-
-
 def test_fold_preprocessing_is_exact():
     model = tiny_model()
     folded = rewrite.fold_preprocessing(model)

@@ -28,8 +28,11 @@ before and after the timed steps (the higher is used). ``fraction_of_peak`` =
 ``img_per_s * train_flops_per_image / peak_flops``. Other processes on the same cores lower both
 numbers; the ratio is the comparable figure.
 
+The FLOP count and the peak are :mod:`training.measure`'s, which ``export.benchmark`` and
+``benchmarks/`` use too.
+
 Example:
-    >>> from training.benchmark import forward_macs
+    >>> from training.measure import forward_macs
     >>> import convmixer_tf
     >>> model = convmixer_tf.create_model("convmixer_256_8")
     >>> round(forward_macs(model) / 1e6)  # ConvMixer-256/8 at 32x32
@@ -43,7 +46,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -52,92 +54,15 @@ from typing import Any
 import tensorflow as tf
 
 import convmixer_tf
+from convmixer_tf import cli
 from training import config as config_lib
+from training.measure import cpu_name, matmul_peak_flops, training_flops_per_image
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "cifar10_convmixer_256_8"
 DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "cifar10", "train")
 DATA_MODES = ("synthetic", "real")
-
-
-def forward_macs(model) -> int:
-    """Multiply-accumulates of one forward pass of one image, from the layers' shapes.
-
-    Counts Conv2D, DepthwiseConv2D and Dense layers (ConvMixer's only matmul-like layers);
-    raises a ValueError naming a conv layer with a grouped or dilated kernel (not counted here).
-
-    Example:
-        >>> import convmixer_tf
-        >>> forward_macs(convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3),
-        ...                                     num_classes=10))
-        9632
-    """
-    total = 0
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
-            continue
-        config = layer.get_config()
-        if max(config.get("dilation_rate", (1, 1))) > 1 or config.get("groups", 1) != 1:
-            raise ValueError(
-                f"Layer {layer.name!r}: FLOPs of dilated or grouped convolutions are not counted."
-            )
-        input_shape = tuple(layer.input.shape)
-        output_shape = tuple(layer.output.shape)
-        if None in input_shape[1:] or None in output_shape[1:]:
-            raise ValueError(
-                f"Layer {layer.name!r} has an unknown spatial size {output_shape}: build the "
-                "model with a fixed input_shape to count its FLOPs."
-            )
-        if kind == "Dense":
-            total += input_shape[-1] * output_shape[-1]
-            continue
-        out_positions = math.prod(output_shape[1:-1])
-        kernel_positions = math.prod(config["kernel_size"])
-        if kind == "Conv2D":
-            total += out_positions * kernel_positions * input_shape[-1] * output_shape[-1]
-        else:
-            total += out_positions * kernel_positions * output_shape[-1]
-    return total
-
-
-def training_flops_per_image(model) -> int:
-    """``3 * forward MACs * 2``: forward + backward (twice the forward) FLOPs of one image."""
-    return 3 * 2 * forward_macs(model)
-
-
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Float32 FLOP/s of ``tf.matmul`` of two ``size x size`` matrices (best of ``repeats``).
-
-    Example:
-        >>> matmul_peak_flops(size=256, repeats=2) > 0
-        True
-    """
-    if size < 1 or repeats < 1:
-        raise ValueError(f"`size` and `repeats` must be positive. Received: {size}, {repeats}")
-    a = tf.random.normal((size, size), dtype=tf.float32)
-    b = tf.random.normal((size, size), dtype=tf.float32)
-    matmul = tf.function(tf.linalg.matmul)
-    matmul(a, b).numpy()  # trace and warm up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).numpy()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux), or ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _step_timer(keras):
@@ -243,7 +168,7 @@ def run_benchmark(
     }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.benchmark",
         description="Times the real training step; prints one JSON line (img/s, fraction of the "
@@ -263,13 +188,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--activation", choices=("gelu", "relu"), default=None)
     parser.add_argument(
-        "--keras-module", choices=config_lib.KERAS_MODULES, default="keras", help="default: keras"
+        "--keras-module",
+        choices=config_lib.TRAINING_KERAS_MODULES,
+        default="keras",
+        help="default: keras",
     )
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--jit-compile", action="store_true", help="XLA for the whole step")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--inter-op-threads", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -296,21 +225,21 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     return config_lib.apply_overrides(config, overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: prints one JSON line with the benchmark's record."""
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark ``args`` describe; prints one JSON line."""
     if args.intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
-    try:
-        config = config_from_args(args)
-        record = run_benchmark(config, args.steps, args.warmup_steps, args.data, args.peak_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    record = run_benchmark(config, args.steps, args.warmup_steps, args.data, args.peak_size)
     print(json.dumps(record), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import types
 
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf.convert import save_model_atomic
+from convmixer_tf import files, saving
 from training import distribute
-from training.config import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +102,9 @@ def _plot_curves(history: list[dict], path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def read_history(output_dir: str) -> list[dict]:
@@ -152,7 +148,7 @@ def callback_classes(keras):
             if best:
                 top = max(best, key=lambda h: h["val_accuracy"])
                 summary["best"] = {"epoch": top["epoch"], "val_accuracy": top["val_accuracy"]}
-            write_text_atomic(
+            files.write_atomic(
                 os.path.join(self.output_dir, METRICS_FILE), json.dumps(summary, indent=2) + "\n"
             )
             if self.plot:
@@ -181,7 +177,7 @@ def callback_classes(keras):
             self.best = float(value)
             folder, name = os.path.split(self.path)
             with distribute.chief_write_dir(folder, self.strategy) as write_dir:
-                save_model_atomic(self.model, os.path.join(write_dir, name))
+                saving.save_model(self.model, os.path.join(write_dir, name))
             if not distribute.is_chief(self.strategy):
                 return
             logger.info(
@@ -242,13 +238,11 @@ def callback_classes(keras):
         def on_epoch_end(self, epoch, logs=None):
             os.makedirs(self.backup_dir, exist_ok=True)
             name = f"epoch_{epoch + 1:04d}.weights.h5"
-            fd, tmp = tempfile.mkstemp(dir=self.backup_dir, prefix=".tmp-", suffix=".weights.h5")
-            os.close(fd)
-            self.model.save_weights(tmp, overwrite=True)
-            os.replace(tmp, os.path.join(self.backup_dir, name))
-            write_text_atomic(self.pointer, json.dumps({"epoch": epoch + 1, "weights": name}))
+            with files.replacing(os.path.join(self.backup_dir, name)) as tmp:
+                self.model.save_weights(tmp, overwrite=True)
+            files.write_atomic(self.pointer, json.dumps({"epoch": epoch + 1, "weights": name}))
             for old in os.listdir(self.backup_dir):  # keep only the current backup
-                if old.endswith(".weights.h5") and old != name:
+                if old.endswith(".weights.h5") and old != name and not old.startswith(".tmp"):
                     os.remove(os.path.join(self.backup_dir, old))
 
     return types.SimpleNamespace(

@@ -19,18 +19,21 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
+from convmixer_tf import constants, files
+from convmixer_tf.constants import INTERPOLATIONS
+
 RECIPES_DIR = pathlib.Path(__file__).resolve().parent / "recipes"
-KERAS_MODULES = ("auto", "keras", "tf_keras")
+# "auto": tf_keras for multi_worker (keras-team/keras#20585), Keras 3 otherwise.
+TRAINING_KERAS_MODULES = ("auto", *constants.KERAS_MODULES)
 LR_SCALING_RULES = ("none", "linear", "sqrt")
+# tf.data auto-shard policies (training.distribute maps them onto tf.data's enum).
 SHARD_POLICIES = ("auto", "data", "file", "off")
 LR_SCHEDULES = ("onecycle", "constant")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ class TrainConfig:
         """
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         if path is not None:
-            write_text_atomic(path, text)
+            files.write_atomic(path, text)
         return text
 
 
@@ -138,12 +141,12 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 def check(config: TrainConfig) -> None:
     """Raises a ValueError naming the first field whose value makes no sense."""
-    _choice("keras_module", config.keras_module, KERAS_MODULES)
+    _choice("keras_module", config.keras_module, TRAINING_KERAS_MODULES)
     _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     _choice("interpolation", config.interpolation, INTERPOLATIONS)
     _choice("lr_scaling", config.lr_scaling, LR_SCALING_RULES)
     _choice("shard_policy", config.shard_policy, SHARD_POLICIES)
-    _choice("activation", config.activation, (None, "gelu", "relu"))
+    _choice("activation", config.activation, (None, *constants.ACTIVATIONS))
     if config.backup_freq is not None and config.backup_freq < 1:
         raise ValueError(
             f"`backup_freq` must be a positive number of batches or None (every epoch). "
@@ -298,19 +301,3 @@ def from_json(path: str | os.PathLike, recipe: str | None = None) -> TrainConfig
     if recipe is not None:
         values["recipe"] = recipe
     return apply_overrides(TrainConfig(), values)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

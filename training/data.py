@@ -37,12 +37,13 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import imagenet
+from convmixer_tf.constants import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
+MAX_SHUFFLE_BUFFER = 10_000  # examples held for shuffling (memory: decoded images)
 IMAGE_FOLDER_SPLITS = ("train", "validation", "all")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 # Cache decoded images in memory when they need less than this (estimated from the first image).
 DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
 
@@ -383,30 +384,53 @@ def resize_image(
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
-    """Adds the options of an evaluation CLI that feed :func:`load_dataset`.
+def add_data_source_arguments(parser, *, required: bool = True) -> None:
+    """Adds the options that name a data source: ``--data-dir`` or ``--dataset`` (exclusive),
+    ``--tfds-data-dir``, ``--validation-fraction`` and ``--limit-per-class``.
 
-    ``--data-dir`` or ``--dataset`` (one is required), ``--tfds-data-dir``, ``--split``,
-    ``--validation-fraction``, ``--limit-per-class``, ``--batch-size``, ``--crop-pct`` and
-    ``--interpolation``; :func:`evaluation_data_kwargs` turns them into keyword arguments.
+    :func:`data_source_kwargs` turns them into :func:`load_dataset` keyword arguments. Used by
+    every CLI that reads data (``training.evaluate``, ``export``, ``export.evaluate``,
+    ``export.benchmark``).
     """
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
     source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
     parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir")
-    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
     parser.add_argument(
         "--validation-fraction", type=float, default=0.1,
         help="image folders: the share of each class held out as 'validation' (as in training)",
     )  # fmt: skip
-    parser.add_argument("--limit-per-class", type=int, default=None)
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="use at most this many images per class")  # fmt: skip
+
+
+def data_source_kwargs(args) -> dict:
+    """:func:`load_dataset` keyword arguments from :func:`add_data_source_arguments`."""
+    return dict(
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        tfds_data_dir=args.tfds_data_dir,
+        validation_fraction=args.validation_fraction,
+        limit_per_class=args.limit_per_class,
+    )
+
+
+def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
+    """Adds the options of an evaluation CLI that feed :func:`load_dataset`.
+
+    The data source (:func:`add_data_source_arguments`, required), ``--split``,
+    ``--batch-size``, ``--crop-pct`` and ``--interpolation``; :func:`evaluation_data_kwargs`
+    turns them into keyword arguments.
+    """
+    add_data_source_arguments(parser, required=True)
+    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
     parser.add_argument(
         "--crop-pct", type=float, default=1.0,
         help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
     )  # fmt: skip
     parser.add_argument(
-        "--interpolation", default="bilinear",
+        "--interpolation", default="bilinear", choices=INTERPOLATIONS,
         help="resize interpolation (bicubic for the ImageNet presets)",
     )  # fmt: skip
 
@@ -414,12 +438,8 @@ def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
 def evaluation_data_kwargs(args) -> dict:
     """:func:`load_dataset` keyword arguments from :func:`add_evaluation_data_arguments`."""
     return dict(
-        data_dir=args.data_dir,
-        dataset=args.dataset,
-        tfds_data_dir=args.tfds_data_dir,
+        **data_source_kwargs(args),
         split=args.split,
-        validation_fraction=args.validation_fraction,
-        limit_per_class=args.limit_per_class,
         batch_size=args.batch_size,
         crop_pct=args.crop_pct,
         interpolation=args.interpolation,
@@ -509,7 +529,7 @@ def load_dataset(
     if cache:
         ds = ds.cache()  # uint8: a quarter of the float32 memory
     if shuffle:
-        buffer = min(num_examples or 10_000, 10_000)
+        buffer = min(num_examples or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32), labels))

@@ -36,16 +36,18 @@ from typing import Any
 
 import tensorflow as tf
 
+from training.config import LR_SCALING_RULES, SHARD_POLICIES
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-SHARD_POLICIES = {
+# training.config.SHARD_POLICIES -> tf.data's enum.
+AUTO_SHARD_POLICY = {
     "auto": tf.data.experimental.AutoShardPolicy.AUTO,
     "data": tf.data.experimental.AutoShardPolicy.DATA,
     "file": tf.data.experimental.AutoShardPolicy.FILE,
     "off": tf.data.experimental.AutoShardPolicy.OFF,
 }
-LR_SCALING_RULES = ("linear", "sqrt", "none")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Environment variables that TPUClusterResolver reads when no TPU address is given.
 TPU_ENV_VARS = ("TPU_NAME", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS")
@@ -111,10 +113,11 @@ def configure_cpu_replicas(num_replicas: int) -> list[tf.config.LogicalDevice]:
     Must run before TensorFlow initializes its devices (before any op, model or dataset);
     calling it again with the same number is a no-op.
 
-    Example:
-        >>> devices = configure_cpu_replicas(2)  # in a fresh process
-        >>> [d.name for d in devices]
-        ['/device:CPU:0', '/device:CPU:1']
+    Example (in a fresh process, before TensorFlow's devices exist; tests/test_distribute.py
+    runs it so)::
+
+        devices = configure_cpu_replicas(2)
+        [d.name for d in devices]  # ['/device:CPU:0', '/device:CPU:1']
     """
     if not isinstance(num_replicas, int) or isinstance(num_replicas, bool) or num_replicas < 1:
         raise ValueError(
@@ -166,10 +169,10 @@ def make_strategy(config_or_args: Any) -> tf.distribute.Strategy:
     ``multi_worker`` reads the cluster from ``TF_CONFIG``. Call this before anything else uses
     TensorFlow's devices.
 
-    Example:
-        >>> strategy = make_strategy({"strategy": "mirrored", "cpu_replicas": 2})
-        >>> strategy.num_replicas_in_sync
-        2
+    Example (in a fresh process, see :func:`configure_cpu_replicas`)::
+
+        strategy = make_strategy({"strategy": "mirrored", "cpu_replicas": 2})
+        strategy.num_replicas_in_sync  # 2
     """
     name = _field(config_or_args, "strategy", "auto")
     cpu_replicas = _field(config_or_args, "cpu_replicas", 0) or 0
@@ -397,9 +400,7 @@ def resolve_shard_policy(policy: str, image_folder: bool) -> str:
         'data'
     """
     if policy not in SHARD_POLICIES:
-        raise ValueError(
-            f"`shard_policy` must be one of {tuple(SHARD_POLICIES)}. Received: {policy!r}"
-        )
+        raise ValueError(f"`shard_policy` must be one of {SHARD_POLICIES}. Received: {policy!r}")
     if policy == "auto" and image_folder:
         return "data"
     return policy
@@ -437,11 +438,9 @@ def with_shard_policy(
         'DATA'
     """
     if policy not in SHARD_POLICIES:
-        raise ValueError(
-            f"`shard_policy` must be one of {tuple(SHARD_POLICIES)}. Received: {policy!r}"
-        )
+        raise ValueError(f"`shard_policy` must be one of {SHARD_POLICIES}. Received: {policy!r}")
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = SHARD_POLICIES[policy]
+    options.experimental_distribute.auto_shard_policy = AUTO_SHARD_POLICY[policy]
     if policy == "data" and (workers is None or workers > 1):
         # DATA sharding keeps every N-th element of each worker's stream: the shards are
         # disjoint only if every worker produces the same order, so parallel maps must keep

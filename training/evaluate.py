@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+import convmixer_tf
+from convmixer_tf import cli
 from training.data import add_evaluation_data_arguments, evaluation_data_kwargs, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -87,51 +88,33 @@ def evaluate(model, dataset: tf.data.Dataset, class_names: Sequence[str]) -> dic
     }
 
 
-def load_model(path: str):
-    """Loads a ``.keras`` file saved by Keras 3 or by tf_keras (without its optimizer)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"Model file not found: {path!r}")
-    import keras
-
-    import convmixer_tf  # noqa: F401 (registers the model's custom layers for deserialization)
-
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as keras3_error:  # noqa: BLE001 (try the other Keras next)
-        import tf_keras
-
-        try:
-            return tf_keras.models.load_model(path, compile=False)
-        except Exception:  # noqa: BLE001
-            raise ValueError(f"Cannot load model {path!r}: {keras3_error}") from keras3_error
-
-
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
     )
     parser.add_argument("--model", required=True, help="a .keras file")
     parser.add_argument("--image-size", type=int, help="default: the model's input size")
     add_evaluation_data_arguments(parser, batch_size=100)
+    cli.add_debug_argument(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2: bad arguments or files)."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    args = _parser().parse_args(argv)
-    try:
-        model = load_model(args.model)
-        image_size = args.image_size or model.input_shape[1]
-        if image_size is None:
-            raise ValueError("The model has no fixed input size: give --image-size.")
-        dataset, class_names = load_dataset(image_size=image_size, **evaluation_data_kwargs(args))
-        result = evaluate(model, dataset, class_names)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Evaluates as ``args`` say; prints one JSON line."""
+    model = convmixer_tf.load_model(args.model)
+    image_size = args.image_size or model.input_shape[1]
+    if image_size is None:
+        raise ValueError(f"{args.model!r} has no fixed input size: give --image-size.")
+    dataset, class_names = load_dataset(image_size=image_size, **evaluation_data_kwargs(args))
+    result = evaluate(model, dataset, class_names)
     print(json.dumps({"model": args.model, "split": args.split, **result}))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a user error, one line)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def launch(
     for a worker killed by signal N), after terminating the workers still running.
 
     Example:
-        >>> launch([sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"], 2)
+        >>> check = "import json, os; assert json.loads(os.environ['TF_CONFIG'])['cluster']"
+        >>> launch([sys.executable, "-c", check], 2)
         0
     """
     if num_workers < 1:

@@ -34,8 +34,10 @@ import time
 import typing
 from collections.abc import Sequence
 
+from convmixer_tf import cli, files
 from training import config as config_lib
 
+PROG = "python -m training.train"
 # The documented options, mapped to config keys. Any other config key works as --key value.
 NAMED_OPTIONS = {
     "--model": "model",
@@ -57,9 +59,9 @@ def _dest(option: str) -> str:
     return "option_" + option[2:].replace("-", "_")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.train",
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog="Any config key is also an option: --lr-max 0.01, --mixup-alpha 0.2, --ema "
         f"(booleans), --no-hflip. Keys: {', '.join(config_lib.field_names())}",
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--benchmark-input", type=int, metavar="N", help="time N batches of the input pipeline"
     )
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -118,7 +121,7 @@ def resolve_config(argv: Sequence[str]) -> tuple[config_lib.TrainConfig, argpars
         >>> config.epochs
         3
     """
-    args, extra = _parser().parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     config = config_lib.from_recipe(args.recipe) if args.recipe else config_lib.TrainConfig()
     overrides: dict[str, str | None] = {}
     for option, key in NAMED_OPTIONS.items():
@@ -147,9 +150,9 @@ def benchmark_input(config: config_lib.TrainConfig, batches: int) -> dict:
     The first epoch decodes and fills the cache; for splits of at most 100,000 images the timed
     batches come after that warm-up epoch (the steady state of a long run), else after 5.
     """
-    from training import augment
+    from training import pipeline
 
-    train_data = augment.make_train_dataset(config)
+    train_data = pipeline.make_train_dataset(config)
     iterator = iter(train_data.dataset)
     one_epoch = train_data.steps_per_epoch + 1
     warmup = one_epoch if one_epoch * config.batch_size <= 100_000 else 5
@@ -167,22 +170,16 @@ def benchmark_input(config: config_lib.TrainConfig, batches: int) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 done, 1 diverged, 2 bad arguments)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run(argv: Sequence[str]) -> int:
+    """Resolves the config and trains (or lists, prints, times) as ``argv`` asks."""
     if "--list-recipes" in argv:
         print("\n".join(config_lib.available_recipes()))
         return 0
-    try:
-        config, args = resolve_config(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config, args = resolve_config(argv)
     if args.print_config:
         print(config.to_json(), end="")
         return 0
+    files.check_output_dir(config.output_dir)
     if args.benchmark_input:
         print(json.dumps(benchmark_input(config, args.benchmark_input)))
         return 0
@@ -192,14 +189,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = trainer.train(config)
     except trainer.TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.report(PROG, e, status=1)
     if metrics:
         print(json.dumps({"output_dir": config.output_dir, **metrics["final"]}))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0 done, 1 diverged, 2 a user error)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except cli.USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        return cli.report(PROG, e)
 
 
 if __name__ == "__main__":

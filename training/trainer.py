@@ -24,7 +24,7 @@ Outputs in ``config.output_dir`` (written by the chief only): ``model.keras`` (f
 ``backup/`` while a run is unfinished: rerunning the same command resumes from it.
 
 Example:
-    >>> from training.config import TrainConfig, write_text_atomic
+    >>> from training.config import TrainConfig
     >>> from training.trainer import train
     >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", limit_per_class=20,
     ...                      dim=32, depth=2, epochs=2, batch_size=50, output_dir="runs/try")
@@ -46,15 +46,15 @@ from typing import Any
 import tensorflow as tf
 
 import convmixer_tf
-from training import allocator, augment, distribute
+from convmixer_tf import files, saving
+from training import allocator, distribute, pipeline
 from training.callbacks import (
     METRICS_FILE,
     TrainingDivergedError,
     callback_classes,
     one_cycle_class,
-    save_model_atomic,
 )
-from training.config import TrainConfig, write_text_atomic
+from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     distribute.set_precision_policy(
         distribute.precision_policy(config.mixed_precision, strategy), keras_module
     )
-    train_ds, class_names, steps, skipped = augment.make_train_dataset(config)
+    train_ds, class_names, steps, skipped = pipeline.make_train_dataset(config)
     shard_policy = distribute.resolve_shard_policy(
         config.shard_policy, image_folder=config.data_dir is not None
     )
@@ -222,7 +222,7 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     train_ds = distribute.with_shard_policy(train_ds, shard_policy, workers)
     val_ds = None
     if config.val_split:
-        val_ds, _ = augment.make_validation_dataset(config, len(class_names))
+        val_ds, _ = pipeline.make_validation_dataset(config, len(class_names))
         val_ds = distribute.with_shard_policy(val_ds, shard_policy, workers)
     with strategy.scope():
         model = build_model(config, len(class_names), keras_module)
@@ -283,7 +283,7 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     if chief:
         os.makedirs(output_dir, exist_ok=True)
         config.to_json(os.path.join(output_dir, CONFIG_FILE))
-        write_text_atomic(
+        files.write_atomic(
             os.path.join(output_dir, CLASS_NAMES_FILE), json.dumps(training.class_names) + "\n"
         )
     callbacks, stop_on_nan = make_callbacks(training, chief)
@@ -305,7 +305,7 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     # multi-worker tutorial), then waits for the others: a worker that exits early breaks the
     # chief's remaining TensorFlow ops.
     with distribute.chief_write_dir(output_dir, training.strategy) as write_dir:
-        save_model_atomic(training.model, os.path.join(write_dir, MODEL_FILE))
+        saving.save_model(training.model, os.path.join(write_dir, MODEL_FILE))
     distribute.barrier(training.strategy)
     if not chief:
         return {}
@@ -314,7 +314,7 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     with open(metrics_path) as f:
         metrics = json.load(f)
     metrics["skipped_images"] = list(training.skipped)
-    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    files.write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     if training.skipped:
         logger.warning(
             "Skipped %d unreadable training image(s); their paths are in %s",

@@ -1,4 +1,4 @@
-"""The blocks' fused training passes (exact GELU, BatchNorm): values and gradients equal Keras'
+"""The fused training passes (exact GELU, BatchNorm): values and gradients equal Keras'
 layers', the layers' configs, serialization (safe_mode) and the Keras 3 / tf_keras builds."""
 
 import keras
@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_keras
 
 import convmixer_tf
-from convmixer_tf import blocks
+from convmixer_tf import fused
 
 # Float32 rounding of GELU and its derivative, which stay within about 1.2 in [-8, 8].
 ATOL = 2e-6
@@ -25,15 +25,15 @@ def reference_values_and_gradients(x):
 def test_gelu_fused_equals_keras_gelu_values_and_gradients(run):
     x = tf.constant(np.concatenate([np.linspace(-8, 8, 4001), [-30.0, 0.0, 30.0]]), tf.float32)
 
-    def fused(x):
+    def values_and_gradients(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = blocks.gelu_fused(x)
+            y = fused.gelu_fused(x)
         return y, tape.gradient(y, x, output_gradients=tf.ones_like(x) * 0.7)
 
     if run == "graph":
-        fused = tf.function(fused)
-    y, dy = fused(x)
+        values_and_gradients = tf.function(values_and_gradients)
+    y, dy = values_and_gradients(x)
     y_ref, dy_ref = reference_values_and_gradients(x)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=0, atol=ATOL)
     np.testing.assert_allclose(dy.numpy(), dy_ref.numpy(), rtol=0, atol=ATOL)
@@ -45,7 +45,7 @@ def test_gelu_fused_keeps_float16_dtype():
     x = tf.constant(np.linspace(-4, 4, 101), tf.float16)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = blocks.gelu_fused(x)
+        y = fused.gelu_fused(x)
     dy = tape.gradient(y, x)
     assert y.dtype == tf.float16 and dy.dtype == tf.float16
     y_ref, _ = reference_values_and_gradients(tf.cast(x, tf.float32))
@@ -54,13 +54,13 @@ def test_gelu_fused_keeps_float16_dtype():
 
 def test_gelu_layer_training_and_inference_equal_activation_gelu():
     x = tf.random.stateless_normal((2, 4, 4, 8), seed=(1, 2)) * 3
-    gelu = blocks.gelu_layer_class(keras)(name="act")
+    gelu = fused.gelu_layer_class(keras)(name="act")
     reference = keras.layers.Activation("gelu")(x).numpy()
     np.testing.assert_array_equal(gelu(x, training=False).numpy(), reference)
     np.testing.assert_allclose(gelu(x, training=True).numpy(), reference, atol=ATOL)
     assert gelu.get_config()["activation"] == "gelu"
     with pytest.raises(ValueError, match="only computes 'gelu'"):
-        blocks.gelu_layer_class(keras)(activation="relu")
+        fused.gelu_layer_class(keras)(activation="relu")
 
 
 def test_batch_norm_fused_statistics_with_a_large_mean():
@@ -70,11 +70,11 @@ def test_batch_norm_fused_statistics_with_a_large_mean():
     expected = np.var(x.numpy().astype("float64"), axis=(0, 1, 2))
     gamma, beta = tf.ones(3), tf.zeros(3)
     shift = tf.constant([1000.3, 999.5, 1000.0])
-    y, mean, variance = blocks.batch_norm_train_fused(x, gamma, beta, 1e-5, shift)
+    y, mean, variance = fused.batch_norm_train_fused(x, gamma, beta, 1e-5, shift)
     np.testing.assert_allclose(variance.numpy(), expected, rtol=1e-4)
     np.testing.assert_allclose(mean.numpy(), np.mean(x.numpy().astype("float64"), (0, 1, 2)))
     np.testing.assert_allclose(np.std(y.numpy(), axis=(0, 1, 2)), 1.0, rtol=1e-3)
-    _, _, unshifted = blocks.batch_norm_train_fused(x, gamma, beta, 1e-5)
+    _, _, unshifted = fused.batch_norm_train_fused(x, gamma, beta, 1e-5)
     assert np.max(np.abs(unshifted.numpy() / expected - 1)) > 1e-2
 
 
@@ -84,7 +84,7 @@ def test_fused_batch_norm_layer_shifts_by_its_moving_mean():
     x = tf.random.stateless_normal((64, 4, 4, 3), seed=(5, 6)) * [1.0, 2.0, 0.5] + 1000.0
     weights = [np.ones(3), np.zeros(3), np.full(3, 999.0), np.ones(3)]
     outputs = []
-    for layer_class in (blocks.batch_norm_layer_class(keras), keras.layers.BatchNormalization):
+    for layer_class in (fused.batch_norm_layer_class(keras), keras.layers.BatchNormalization):
         layer = layer_class(epsilon=1e-5, momentum=0.9)
         layer.build(x.shape)
         layer.set_weights([w.astype("float32") for w in weights])
@@ -122,21 +122,21 @@ def test_fused_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
 
 def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
     """A training step's gradients with the fused GELU and BatchNorm equal Keras' layers'."""
-    fused = convmixer_tf.ConvMixer(**tiny_kwargs)
+    fast = convmixer_tf.ConvMixer(**tiny_kwargs)
     monkeypatch.setattr(
-        blocks,
+        fused,
         "activation_layer",
         lambda keras, activation, name: keras.layers.Activation(activation, name=name),
     )
     monkeypatch.setattr(
-        blocks,
+        fused,
         "batch_norm_layer_class",
         lambda keras: keras.layers.BatchNormalization,
     )
     plain = convmixer_tf.ConvMixer(**tiny_kwargs)
     assert type(plain.get_layer("stem_act")) is keras.layers.Activation
     assert type(plain.get_layer("stem_bn")) is keras.layers.BatchNormalization
-    plain.set_weights(fused.get_weights())
+    plain.set_weights(fast.get_weights())
     x = tf.constant(np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
 
     def grads(model):
@@ -144,7 +144,7 @@ def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
             loss = tf.reduce_sum(model(x, training=True) ** 2)
         return tape.gradient(loss, model.trainable_variables)
 
-    fused_grads, plain_grads = grads(fused), grads(plain)
+    fused_grads, plain_grads = grads(fast), grads(plain)
     scale = max(float(tf.reduce_max(tf.abs(g))) for g in plain_grads)
     for g_fused, g_plain in zip(fused_grads, plain_grads, strict=True):
         np.testing.assert_allclose(g_fused / scale, g_plain / scale, rtol=0, atol=1e-5)
@@ -154,11 +154,11 @@ def test_fused_batch_norm_equals_keras_batch_norm_in_training():
     x = tf.random.stateless_normal((4, 5, 5, 8), seed=(3, 4)) * 3 + 1
     rng = np.random.default_rng(0)
     weights = [rng.uniform(0.5, 1.5, 8).astype("float32") for _ in range(4)]
-    fused = blocks.batch_norm_layer_class(keras)(epsilon=1e-5, momentum=0.9)
+    fast = fused.batch_norm_layer_class(keras)(epsilon=1e-5, momentum=0.9)
     plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
     upstream = tf.sin(x)
     results = []
-    for layer in (fused, plain):
+    for layer in (fast, plain):
         layer.build(x.shape)
         layer.set_weights(weights)  # gamma, beta, moving mean, moving variance
         with tf.GradientTape() as tape:
@@ -173,4 +173,4 @@ def test_fused_batch_norm_equals_keras_batch_norm_in_training():
             np.asarray(a) / scale, np.asarray(b) / scale, atol=2e-6, err_msg=name
         )
     # inference uses the moving statistics (equal up to rounding, above), as the parent class
-    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-6)
+    np.testing.assert_allclose(fast(x, training=False), plain(x, training=False), atol=1e-6)

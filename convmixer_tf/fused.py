@@ -1,10 +1,17 @@
-"""ConvMixer's building blocks: functions that take a tensor and return a tensor.
+"""CPU-fused training kernels for ConvMixer's GELU and BatchNorm, as drop-in Keras layers.
 
-They are written against a ``keras``-like module passed in as ``keras`` so that the same code
-builds a Keras 3 model and a tf_keras (Keras 2) model; see :mod:`convmixer_tf.model`.
+TensorFlow runs ``tf.nn.gelu`` and BatchNormalization's training pass as a dozen small kernels
+each, forward and backward, every one a pass over memory; on CPU they cost more than the
+convolutions of a ConvMixer training step. :func:`gelu_fused` and :func:`batch_norm_train_fused`
+compute the same functions as one XLA computation per direction (XLA on these functions only:
+whole-model ``jit_compile`` is slower on CPU, whose XLA convolutions are slow).
 
-Layer names follow timm's checkpoint names (``stem.0`` -> ``stem_conv``,
-``blocks.{i}.0.fn.0`` -> ``blocks_{i}_dwconv``, ...), so weight import is a string mapping.
+:func:`activation_layer` and :func:`batch_norm` choose the layer the builder
+(:mod:`convmixer_tf.model`) puts in a model: the fused subclasses for Keras 3, the stock classes
+for tf_keras (tensorflow-model-optimization keys its quantization policy on those). The fused
+classes keep the stock classes' configs and weights and are registered as
+``convmixer_tf>GELU`` and ``convmixer_tf>FusedBatchNormalization``, so that files saved with them
+load through :func:`convmixer_tf.load_model`.
 """
 
 from __future__ import annotations
@@ -14,15 +21,9 @@ import importlib
 
 import tensorflow as tf
 
-# PyTorch's BatchNorm2d defaults. Keras' own (epsilon 1e-3, momentum 0.99) do not reproduce the
-# paper's checkpoints: the epsilon changes every output, and the momentum the training dynamics.
-# Keras' momentum is the weight of the old statistics: 1 - PyTorch's momentum (0.1).
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9
 
-
-def batch_norm(keras, name: str, synchronized: bool = False):
-    """A BatchNorm layer with PyTorch's epsilon and momentum.
+def batch_norm(keras, name: str, epsilon: float, momentum: float, synchronized: bool = False):
+    """A BatchNorm layer of ``keras`` with the given epsilon and momentum.
 
     Keras 3 models get :func:`batch_norm_layer_class`'s subclass (fused training pass), unless
     ``synchronized``; tf_keras models keep ``BatchNormalization`` (already a fused kernel there,
@@ -30,12 +31,12 @@ def batch_norm(keras, name: str, synchronized: bool = False):
     """
     if synchronized:
         return keras.layers.BatchNormalization(
-            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, synchronized=True
+            epsilon=epsilon, momentum=momentum, name=name, synchronized=True
         )
     layer_class = keras.layers.BatchNormalization
     if keras.__name__ == "keras":
         layer_class = batch_norm_layer_class(keras)
-    return layer_class(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
+    return layer_class(epsilon=epsilon, momentum=momentum, name=name)
 
 
 def _reduction_axes(x: tf.Tensor) -> list[int]:
@@ -206,7 +207,7 @@ def gelu_layer_class(keras):
     training pass runs :func:`gelu_fused`. At inference (``training`` not True) it runs
     ``tf.nn.gelu``, the very ops of ``Activation("gelu")``, so TFLite conversion still fuses them
     into one builtin GELU op. Registered as ``"convmixer_tf>GELU"``: ``.keras`` files load with
-    ``safe_mode=True`` once ``convmixer_tf`` is imported.
+    ``safe_mode=True`` once this module is imported.
 
     Example:
         >>> import keras
@@ -246,34 +247,7 @@ def activation_layer(keras, activation: str, name: str):
     return keras.layers.Activation(activation, name=name)
 
 
-def apply_stem(x, keras, dim: int, patch_size: int, activation: str, synchronized_bn: bool = False):
-    """Patch embedding: ``Conv(dim, k=p, s=p)`` -> activation -> BN."""
-    x = keras.layers.Conv2D(dim, patch_size, strides=patch_size, name="stem_conv")(x)
-    x = activation_layer(keras, activation, "stem_act")(x)
-    return batch_norm(keras, "stem_bn", synchronized_bn)(x)
-
-
-def apply_block(
-    x, keras, index: int, dim: int, kernel_size: int, activation: str, synchronized_bn: bool = False
-):
-    """One ConvMixer block.
-
-    ``x = BN(act(DepthwiseConv(x))) + x`` (the residual wraps the depthwise part only), then
-    ``x = BN(act(Conv1x1(x)))``. Note the order conv -> activation -> BN.
-    """
-    prefix = f"blocks_{index}"
-    shortcut = x
-    x = keras.layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{prefix}_dwconv")(x)
-    x = activation_layer(keras, activation, f"{prefix}_dwconv_act")(x)
-    x = batch_norm(keras, f"{prefix}_dwconv_bn", synchronized_bn)(x)
-    x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])
-    x = keras.layers.Conv2D(dim, 1, name=f"{prefix}_pwconv")(x)
-    x = activation_layer(keras, activation, f"{prefix}_pwconv_act")(x)
-    return batch_norm(keras, f"{prefix}_pwconv_bn", synchronized_bn)(x)
-
-
-# Register the Keras 3 layers at import: a saved .keras file then loads in a fresh process
-# after `import convmixer_tf`.
+# Register the Keras 3 classes at import, for files saved with them.
 _keras3 = importlib.import_module("keras")
 gelu_layer_class(_keras3)
 batch_norm_layer_class(_keras3)

@@ -1,0 +1,13 @@
+"""The choices and defaults that the library, the trainer and the exporter share.
+
+This module imports no TensorFlow, so that parsing a training config or a command line stays
+cheap: ``training.config`` checks its values against these tuples without loading TensorFlow.
+"""
+
+ACTIVATIONS = ("gelu", "relu")
+POOLINGS = ("avg", "max", None)
+KERAS_MODULES = ("keras", "tf_keras")
+
+# Resize methods of the evaluation transform (tf.image.resize's names). timm evaluates the
+# ConvMixer checkpoints with bicubic.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")

@@ -1,0 +1,166 @@
+"""Atomic file writes: every file this project writes goes through :func:`replacing`.
+
+A file is written under a temporary name in its own folder, flushed to disk (``fsync``), then
+renamed over the target (``os.replace``, atomic on POSIX): a reader, or a run resumed after a
+crash, sees the old file or the new one, never a half-written one. Files get the usual
+permissions (``0o666`` less the umask), as a plain ``open`` would give them.
+
+The temporary name carries the writer's host and process id
+(``.tmp~<host>~<pid>~<token>~<name>``), so that several workers may share an output folder: a
+later write into the folder removes only the leftovers of writers on the same host whose process
+no longer exists (a run killed during a save), never a file another writer is still writing.
+
+Example:
+    >>> import os, tempfile
+    >>> from convmixer_tf import files
+    >>> folder = tempfile.mkdtemp()
+    >>> files.write_atomic(os.path.join(folder, "a.txt"), "first\\n")
+    >>> files.write_atomic(os.path.join(folder, "a.txt"), "second\\n")
+    >>> open(os.path.join(folder, "a.txt")).read(), os.listdir(folder)
+    ('second\\n', ['a.txt'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
+from collections.abc import Iterator
+
+TEMP_PREFIX = ".tmp~"
+_TEMP_NAME = re.compile(r"\.tmp~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+~.+")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("~", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Removes the temporary files that dead writers on this host left in ``folder``.
+
+    Returns the removed paths. Temporaries of live processes and of other hosts are kept.
+    """
+    removed = []
+    host = _host()
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        match = _TEMP_NAME.fullmatch(name)
+        if not match or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def _fsync(path: str) -> None:
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            for name in names:
+                _fsync(os.path.join(root, name))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def check_writable(path: str | os.PathLike) -> str:
+    """Checks that ``path`` can be written as a file (not a folder, its parent not a file).
+
+    Cheap enough to run before expensive work; returns the path as a str.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"Output {path!r} is a directory; give a file name.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"Cannot write {path!r}: {parent!r} is a file, not a directory.")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> str:
+    """Checks that ``path`` can be used as an output folder (it may not exist yet)."""
+    path = os.fspath(path)
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(path) else f"is under the file {probe!r}"
+        raise ValueError(f"Output directory {path!r} {what}, not a directory.")
+    return path
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temporary path beside ``path``; once the block succeeds, it replaces ``path``.
+
+    The temporary path ends with ``path``'s own name, so writers that check the extension (Keras'
+    ``model.save``) accept it. If the block raises, ``path`` is untouched and the temporary is
+    removed; if the process dies, the next write into the folder removes it.
+
+    Example:
+        >>> from convmixer_tf import files
+        >>> with files.replacing("out/model.keras") as tmp:  # doctest: +SKIP
+        ...     model.save(tmp)
+    """
+    path = check_writable(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    name = f"{TEMP_PREFIX}{_host()}~{os.getpid()}~{secrets.token_hex(4)}~{os.path.basename(path)}"
+    tmp = os.path.join(folder, name)
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise RuntimeError(f"Nothing was written to the temporary file for {path!r}.")
+        _fsync(tmp)
+        if os.path.isdir(tmp) and os.path.isdir(path):
+            # A folder (SavedModel) cannot replace a folder atomically: move the old one aside.
+            old = f"{tmp}.old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+        _fsync(folder)
+    finally:
+        _remove(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes ``data`` (bytes, or text as UTF-8) to ``path`` atomically (see :func:`replacing`)."""
+    with replacing(path) as tmp:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)

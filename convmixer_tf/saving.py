@@ -1,0 +1,211 @@
+"""Loading, saving and rebuilding ConvMixer models: the one place every tool goes through.
+
+- :func:`model_arguments` reads a built ConvMixer's :func:`convmixer_tf.ConvMixer` arguments off
+  its layers (names, configs and shapes: nothing of ours is stored in the file for it).
+- :func:`rebuild` builds the same model again, with Keras 3 or tf_keras (the only bridge between
+  the two), a static batch size, or other overrides, and copies the weights by layer name.
+- :func:`load_model` opens a ``.keras`` file saved by Keras 3 or tf_keras and returns a model of
+  the Keras asked for. It never runs code from the file: only ``.keras`` zip archives are read,
+  with ``safe_mode=True`` (no Lambda, no pickled functions); legacy HDF5 / SavedModel inputs are
+  refused.
+- :func:`save_model` writes a ``.keras`` file atomically (:mod:`convmixer_tf.files`).
+
+Example:
+    >>> import os, tempfile
+    >>> import convmixer_tf
+    >>> model = convmixer_tf.ConvMixer(16, 2, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+    >>> convmixer_tf.model_arguments(model)["kernel_size"]
+    5
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    >>> convmixer_tf.saving.save_model(model, path)
+    >>> convmixer_tf.load_model(path, keras_module="tf_keras").__class__.__module__.split(".")[0]
+    'tf_keras'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from convmixer_tf import files
+from convmixer_tf import model as model_lib
+from convmixer_tf.constants import KERAS_MODULES
+
+REQUIRED_LAYERS = ("stem_conv", "stem_act", "stem_bn", "blocks_0_dwconv")
+
+
+def model_arguments(model) -> dict:
+    """Recovers the :func:`convmixer_tf.ConvMixer` arguments of a built ConvMixer.
+
+    Works on Keras 3 and tf_keras models. Raises a ValueError naming the missing layer if
+    ``model`` is not a ConvMixer built by :mod:`convmixer_tf`.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 2, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> args = convmixer_tf.model_arguments(model)
+        >>> args["dim"], args["depth"], args["patch_size"], args["num_classes"]
+        (16, 2, 2, 10)
+    """
+    names = {layer.name for layer in getattr(model, "layers", [])}
+    for required in REQUIRED_LAYERS:
+        if required not in names:
+            raise ValueError(
+                f"Model {getattr(model, 'name', model)!r} is not a ConvMixer built by "
+                f"convmixer_tf: it has no layer named {required!r}."
+            )
+    depth = 0
+    while f"blocks_{depth}_dwconv" in names:
+        depth += 1
+    stem = model.get_layer("stem_conv")
+    dwconv = model.get_layer("blocks_0_dwconv")
+    activation = model.get_layer("stem_act").get_config()["activation"]
+    if not isinstance(activation, str):
+        raise ValueError(f"Unsupported activation in 'stem_act': {activation!r}")
+    args = {
+        "dim": int(stem.filters),
+        "depth": depth,
+        "kernel_size": int(dwconv.kernel_size[0]),
+        "patch_size": int(stem.kernel_size[0]),
+        "activation": activation,
+        "input_shape": tuple(model.input_shape[1:]),
+        "include_preprocessing": "preprocessing" in names,
+        "include_top": "head" in names,
+        "synchronized_bn": bool(model.get_layer("stem_bn").get_config().get("synchronized")),
+        "name": model.name,
+    }
+    if args["include_preprocessing"]:
+        norm = model.get_layer("preprocessing")
+        mean = np.ravel(np.asarray(norm.mean, dtype="float64"))
+        variance = np.ravel(np.asarray(norm.variance, dtype="float64"))
+        args["mean"] = tuple(float(v) for v in mean / 255.0)
+        args["std"] = tuple(float(v) for v in np.sqrt(variance) / 255.0)
+    if args["include_top"]:
+        head = model.get_layer("head")
+        args["num_classes"] = int(head.units)
+        head_activation = head.get_config()["activation"]
+        args["classifier_activation"] = None if head_activation == "linear" else head_activation
+    else:
+        args["pooling"] = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
+    return args
+
+
+def rebuild(model, *, keras_module: str = "keras", batch_size: int | None = None, **overrides):
+    """Builds ``model``'s ConvMixer again with :func:`convmixer_tf.ConvMixer`, same weights.
+
+    Args:
+        model: a ConvMixer (Keras 3 or tf_keras), e.g. loaded from a ``.keras`` file.
+        keras_module: ``"keras"`` (Keras 3) or ``"tf_keras"`` (for tfmot, multi-worker ``fit``).
+        batch_size: a static batch size for the input (1 for edge exports) or None.
+        **overrides: :func:`convmixer_tf.ConvMixer` arguments to change (for example
+            ``include_preprocessing=False``). Layers of the rebuilt model take the weights of
+            the source's layers of the same name; the shapes must match.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> convmixer_tf.rebuild(model, keras_module="tf_keras", batch_size=1).input_shape
+        (1, 16, 16, 3)
+    """
+    args = {**model_arguments(model), **overrides}
+    target_keras = model_lib.resolve_keras(keras_module)
+    input_shape = args.pop("input_shape")
+    pixels = target_keras.Input(shape=input_shape, batch_size=batch_size, name="pixels")
+    rebuilt = model_lib.ConvMixer(**args, input_tensor=pixels, keras_module=keras_module)
+    for layer in rebuilt.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name).get_weights()
+        target = [tuple(w.shape) for w in layer.get_weights()]
+        if [w.shape for w in source] != target:
+            raise ValueError(
+                f"Cannot rebuild layer {layer.name!r}: weight shapes differ "
+                f"({[w.shape for w in source]} vs {target})."
+            )
+        layer.set_weights(source)
+    return rebuilt
+
+
+def _archive_metadata(path: str) -> dict:
+    """The metadata of a ``.keras`` archive; ValueError naming the file if it is not one."""
+    if not os.path.exists(path):
+        raise ValueError(f"Model file not found: {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path!r} is a directory; give a .keras file (SavedModel folders are not loaded)."
+        )
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Model file {path!r} is empty.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path!r} is not a .keras archive (a zip file): it is truncated, corrupt, or in "
+            "another format. Legacy HDF5 (.h5) models are not loaded: they can run code."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            json.loads(archive.read("config.json"))
+            return json.loads(archive.read("metadata.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path!r} is not a readable .keras archive: {e}") from e
+
+
+def load_model(path: str | os.PathLike, *, keras_module: str = "keras", compile: bool = False):
+    """Loads a ``.keras`` file saved by Keras 3 or by tf_keras, as a model of ``keras_module``.
+
+    Files are read with ``safe_mode=True``: nothing stored in them runs. A ConvMixer saved by
+    the other Keras is rebuilt (:func:`rebuild`) with the same weights; other models must be
+    asked for with the Keras that saved them. Files with this project's fused layers
+    (``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization``) load too.
+
+    Raises:
+        ValueError: naming the file, if it is missing, empty, not a ``.keras`` archive, or
+            cannot be deserialized.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.load_model("runs/cifar10/model.keras")  # doctest: +SKIP
+    """
+    from convmixer_tf import fused  # noqa: F401 (registers the fused classes of older files)
+
+    path = os.fspath(path)
+    if keras_module not in KERAS_MODULES:
+        raise ValueError(
+            f"`keras_module` must be one of {KERAS_MODULES}. "
+            f"Received: keras_module={keras_module!r}"
+        )
+    metadata = _archive_metadata(path)
+    # tf_keras records its own version (2.x) as the archive's "keras_version".
+    saved_with = "tf_keras" if str(metadata.get("keras_version", "")).startswith("2.") else "keras"
+    module = model_lib.resolve_keras(saved_with)
+    load = module.saving.load_model if saved_with == "keras" else module.models.load_model
+    try:
+        model = load(path, compile=compile, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 (Keras raises many types; report them as one)
+        raise ValueError(
+            f"Cannot load model {path!r} ({saved_with}): {type(e).__name__}: {e}"
+        ) from e
+    if saved_with != keras_module:
+        try:
+            model = rebuild(model, keras_module=keras_module)
+        except ValueError as e:
+            raise ValueError(
+                f"{path!r} was saved by {saved_with} and cannot be rebuilt with {keras_module}: {e}"
+            ) from e
+    return model
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """Saves a Keras model (Keras 3 or tf_keras) as ``.keras``, atomically.
+
+    Example:
+        >>> from convmixer_tf import saving
+        >>> saving.save_model(model, "convmixer.keras")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"The output file must end with '.keras'. Received: {path!r}")
+    with files.replacing(path) as tmp:
+        model.save(tmp)

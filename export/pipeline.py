@@ -1,0 +1,259 @@
+"""One export function: a Keras ConvMixer in, a checked .tflite (and its report) out.
+
+:func:`export_model` is what ``python -m export`` and ``python -m export.benchmark`` both call:
+it validates the request before any expensive work, draws the calibration images from the
+training data, runs quantization-aware fine-tuning for ``"qat"``, converts
+(:func:`export.tflite.convert`), writes the .tflite and its labels atomically, and reports.
+
+Example:
+    >>> import convmixer_tf
+    >>> from export import export_model
+    >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+    >>> result = export_model(model, "fp32")
+    >>> result.report["format"], result.report["input_dtype"]
+    ('fp32', 'float32')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+import convmixer_tf
+from convmixer_tf import files
+from export import quantize, tflite
+
+DEFAULT_CALIBRATION_IMAGES = 256
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_model` made: the .tflite bytes, its JSON-ready report, and the
+    fake-quant Keras model of a QAT export (the reference its .tflite should agree with)."""
+
+    blob: bytes
+    report: dict
+    qat_model: object | None = None
+
+
+def draw_calibration_images(dataset, count: int) -> np.ndarray:
+    """The first ``count`` images of a (shuffled) ``(images, labels)`` batch dataset."""
+    images, total = [], 0
+    for batch, _ in dataset.as_numpy_iterator():
+        images.append(batch)
+        total += len(batch)
+        if total >= count:
+            break
+    if not images:
+        raise ValueError("The calibration data is empty.")
+    return np.concatenate(images)[:count].astype(np.float32)
+
+
+def parse_depthwise_tile(value: str | int | None) -> str | int | None:
+    """``"auto"``, ``"none"`` / None, or a positive tile size (an int or its string)."""
+    if value in ("auto", "none", None):
+        return None if value in ("none", None) else "auto"
+    try:
+        tile = int(value)
+    except (TypeError, ValueError):
+        tile = 0
+    if tile < 1:
+        raise ValueError(
+            f"depthwise_tile must be auto, none or a positive int. Received: {value!r}"
+        )
+    return tile
+
+
+def check_request(
+    fmt: str,
+    *,
+    has_data: bool,
+    io_type: str = "int8",
+    depthwise_tile: str | int | None = "auto",
+    batch_norm: str = "depthwise",
+    qat_steps: int | None = None,
+    qat_epochs: float | None = None,
+    calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
+) -> None:
+    """Raises a ValueError naming the option whose value cannot work; no TensorFlow work."""
+    parse_depthwise_tile(depthwise_tile)
+    if fmt not in tflite.FORMATS:
+        raise ValueError(f"format must be one of {tflite.FORMATS}. Received: {fmt!r}")
+    if io_type not in tflite.IO_TYPES:
+        raise ValueError(f"io must be one of {tflite.IO_TYPES}. Received: {io_type!r}")
+    if batch_norm not in tflite.BATCH_NORM_MODES:
+        raise ValueError(
+            f"batch_norm must be one of {tflite.BATCH_NORM_MODES}. Received: {batch_norm!r}"
+        )
+    integer = fmt in tflite.INTEGER_FORMATS
+    if integer and not has_data and not isinstance(calibration_images, np.ndarray):
+        raise ValueError(
+            f"format {fmt} needs training data for calibration"
+            f"{' and fine-tuning' if fmt == 'qat' else ''}: pass --data-dir or --dataset."
+        )
+    if fmt == "qat":
+        if batch_norm != "depthwise":
+            raise ValueError(
+                "batch_norm 'mul' applies to format int8 only: QAT always computes its "
+                "BatchNorms as depthwise convs (what its fake-quant model is trained for)."
+            )
+        if qat_steps is None and qat_epochs is None:
+            raise ValueError("format qat needs --qat-steps or --qat-epochs.")
+        if not has_data:
+            raise ValueError("format qat needs training data: pass --data-dir or --dataset.")
+    if qat_steps is not None and qat_steps < 1:
+        raise ValueError(f"qat_steps must be positive. Received: {qat_steps}")
+    if qat_epochs is not None and qat_epochs <= 0:
+        raise ValueError(f"qat_epochs must be positive. Received: {qat_epochs}")
+    if not isinstance(calibration_images, np.ndarray) and calibration_images < 1:
+        raise ValueError(f"calibration_images must be positive. Received: {calibration_images}")
+
+
+def fixed_input_model(model, input_size: int | None = None):
+    """``model`` with a fixed square input size (exports need one); ValueError if it has none."""
+    args = convmixer_tf.model_arguments(model)
+    height, width = args["input_shape"][:2]
+    if input_size is not None:
+        if (height, width) == (input_size, input_size):
+            return model
+        return convmixer_tf.rebuild(model, input_shape=(input_size, input_size, 3))
+    if height is None or width is None:
+        raise ValueError(
+            f"Model {model.name!r} has no fixed input size (input shape {args['input_shape']}): "
+            "give the export an input size (--input-size)."
+        )
+    return model
+
+
+def export_model(
+    model,
+    fmt: str,
+    output: str | os.PathLike | None = None,
+    *,
+    data: Mapping | None = None,
+    calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
+    class_names: Sequence[str] | None = None,
+    input_size: int | None = None,
+    io_type: str = "int8",
+    depthwise_tile: str | int | None = "auto",
+    batch_norm: str = "depthwise",
+    qat_steps: int | None = None,
+    qat_epochs: float | None = None,
+    qat_lr: float = 1e-5,
+    qat_batch_size: int = 64,
+    edgetpu: bool = False,
+    verbose: int = 2,
+) -> ExportResult:
+    """Converts a Keras ConvMixer to a .tflite of ``fmt``; with ``output``, writes it.
+
+    Args:
+        model: a Keras 3 or tf_keras ConvMixer (for example from :func:`convmixer_tf.load_model`).
+        fmt: ``"fp32"``, ``"fp16"``, ``"dynamic"``, ``"int8"`` (post-training) or ``"qat"``.
+        output: the .tflite path (written atomically, the class names beside it as
+            ``<name>.labels.txt``); None returns the bytes only.
+        data: the training data, as :func:`training.data.load_dataset` keyword arguments that
+            name it (``data_dir`` or ``dataset``, ``tfds_data_dir``, ``validation_fraction``,
+            ``limit_per_class``): calibration images, QAT batches and class names come from its
+            training split.
+        calibration_images: how many training images calibrate int8 ranges, or the images
+            themselves (raw pixels, ``(N, H, W, 3)``).
+        class_names: stored in the .tflite's metadata; default: the data's class names.
+        input_size: a square input size for models without a fixed one.
+        io_type: input/output type of the integer formats, ``"int8"`` or ``"uint8"``.
+        depthwise_tile, batch_norm: see :func:`export.tflite.prepare_keras_model`.
+        qat_steps, qat_epochs: QAT length (one of them for ``"qat"``).
+        qat_lr, qat_batch_size: QAT's AdamW learning rate and batch size.
+        edgetpu: add the Edge TPU op check to the report.
+        verbose: Keras' verbosity during QAT.
+
+    Returns:
+        An :class:`ExportResult`; ``report`` is what ``python -m export`` prints.
+
+    Raises:
+        ValueError: a request that cannot work (checked before any data is read or model
+            converted), naming the option.
+    """
+    check_request(
+        fmt,
+        has_data=data is not None,
+        io_type=io_type,
+        depthwise_tile=depthwise_tile,
+        batch_norm=batch_norm,
+        qat_steps=qat_steps,
+        qat_epochs=qat_epochs,
+        calibration_images=calibration_images,
+    )
+    if output is not None:
+        output = files.check_writable(output)
+    model = fixed_input_model(model, input_size)
+    image_size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
+
+    calibration = calibration_images if isinstance(calibration_images, np.ndarray) else None
+    if data is not None:
+        from training.data import load_dataset
+
+        def training_batches(batch_size):
+            return load_dataset(
+                **data, split="train", image_size=image_size, batch_size=batch_size,
+                shuffle=True, seed=0,
+            )  # fmt: skip
+
+        calibration_ds, data_class_names = training_batches(64)
+        class_names = data_class_names if class_names is None else class_names
+        if calibration is None and fmt in tflite.INTEGER_FORMATS:
+            calibration = draw_calibration_images(calibration_ds, calibration_images)
+
+    fine_tune = qat_model = None
+    if fmt == "qat":
+        train_ds, _ = training_batches(qat_batch_size)
+        steps = qat_steps
+        if steps is None:
+            batches = int(train_ds.cardinality())
+            if batches < 0:
+                raise ValueError("The training data's size is unknown: give qat_steps.")
+            steps = max(1, math.ceil(qat_epochs * batches))
+        qat_model = quantize.quantize_model(model, calibration_images=calibration)
+        fine_tune = quantize.finetune(
+            qat_model, train_ds, steps=steps, learning_rate=qat_lr, verbose=verbose
+        )
+        fine_tune["steps"] = steps
+        model = quantize.rebatch_qat_model(qat_model)
+
+    blob = tflite.convert(
+        model,
+        fmt,
+        calibration_images=calibration,
+        io_type=io_type,
+        depthwise_tile=parse_depthwise_tile(depthwise_tile),
+        class_names=class_names,
+        batch_norm=batch_norm,
+    )
+    summary = tflite.summarize(blob)
+    report = {
+        "output": None if output is None else os.fspath(output),
+        "format": fmt,
+        "bytes": len(blob),
+        "input_dtype": summary.input_dtype,
+        "input_quantization": (
+            list(summary.input_quantization) if summary.input_quantization else None
+        ),
+        "output_dtype": summary.output_dtype,
+        "ops": sorted(set(summary.ops)),
+    }
+    if output is not None:
+        files.write_atomic(output, blob)
+        if class_names is not None:
+            labels = tflite.labels_path(output)
+            files.write_atomic(labels, "\n".join(class_names) + "\n")
+            report["labels"] = labels
+    if fmt in tflite.INTEGER_FORMATS:
+        report["fully_integer"] = not tflite.integer_problems(blob)
+    if fine_tune is not None:
+        report["qat"] = fine_tune
+    if edgetpu:
+        report["edgetpu"] = tflite.edgetpu_report(blob)
+    return ExportResult(blob=blob, report=report, qat_model=qat_model)

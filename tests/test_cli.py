@@ -1,0 +1,112 @@
+"""Every command line: a user's mistake is one line naming the problem, exit code 2."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+from conftest import REPO_ROOT
+
+from convmixer_tf import cli, convert, predict
+from training import train
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
+IMAGE = FIXTURES / "eval_image.png"
+
+
+def one_error_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: ") and "Traceback" not in err
+    return err
+
+
+def test_convert_truncated_safetensors(tmp_path, capsys):
+    truncated = tmp_path / "cut.safetensors"
+    data = (FIXTURES / "timm_gelu_k3.safetensors").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    argv = ["--weights", str(truncated), "--output", str(tmp_path / "m.keras")]
+    assert convert.main(argv) == 2
+    err = one_error_line(capsys, "python -m convmixer_tf.convert")
+    assert "cut.safetensors" in err and not (tmp_path / "m.keras").exists()
+
+
+def test_convert_output_checked_before_converting(tmp_path, capsys):
+    weights = str(FIXTURES / "timm_gelu_k3.safetensors")
+    assert convert.main(["--weights", weights, "--output", str(tmp_path / "m.h5")]) == 2
+    assert "must end with '.keras'" in one_error_line(capsys, "python -m convmixer_tf.convert")
+    (tmp_path / "d.keras").mkdir()
+    assert convert.main(["--weights", weights, "--output", str(tmp_path / "d.keras")]) == 2
+    assert "is a directory" in one_error_line(capsys, "python -m convmixer_tf.convert")
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "directory", "empty", "missing"])
+def test_predict_bad_images_name_the_file(tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.jpg"
+    if kind == "corrupt":
+        path.write_bytes(b"\xff\xd8 this is not a JPEG")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    weights = str(FIXTURES / "official_relu_k4.pth.tar")
+    argv = ["--weights", weights, "--activation", "relu", "--input-size", "16", str(IMAGE)]
+    assert predict.main([*argv, str(path)]) == 2
+    err = one_error_line(capsys, "python -m convmixer_tf.predict")
+    assert f"{kind}.jpg" in err
+
+
+def test_train_output_dir_that_is_a_file(tmp_path, capsys, cifar10_train_dir):
+    output = tmp_path / "taken"
+    output.write_text("not a folder")
+    argv = ["--data-dir", str(cifar10_train_dir), "--output-dir", str(output)]
+    assert train.main(argv) == 2
+    err = one_error_line(capsys, "python -m training.train")
+    assert "taken" in err and "is a file" in err
+
+
+def test_deprecated_alias_stores_and_warns(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("--output-dir")
+    parser.add_argument("--out-dir", dest="output_dir", action=cli.DeprecatedAlias,
+                        new_option="--output-dir")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert parser.parse_args(["--out-dir", "bench"]).output_dir == "bench"
+    assert "use --output-dir" in str(caught[0].message)
+    assert "--out-dir is deprecated" in capsys.readouterr().err
+
+
+def test_stdout_to_stderr_moves_what_cpp_writes_to_descriptor_1(tmp_path):
+    code = (
+        "import os, sys\n"
+        "from convmixer_tf import cli\n"
+        "with cli.stdout_to_stderr():\n"
+        "    os.write(1, b'native chatter\\n')\n"
+        "    print('python chatter')\n"
+        "print('{\"result\": 1}')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout == '{"result": 1}\n'
+    assert "native chatter" in done.stderr and "python chatter" in done.stderr
+
+
+def test_every_cli_follows_the_convention():
+    """build_parser() and main(argv) -> int in every command-line module, with --debug."""
+    import importlib
+
+    modules = ["convmixer_tf.convert", "convmixer_tf.predict", "training.train",
+               "training.evaluate", "training.benchmark", "export.__main__", "export.evaluate",
+               "export.benchmark"]  # fmt: skip
+    for name in modules:
+        module = importlib.import_module(name)
+        parser = module.build_parser()
+        assert "--debug" in parser._option_string_actions, name  # noqa: SLF001
+        assert callable(module.main), name
+    assert os.path.exists(REPO_ROOT / "CHANGELOG.md")

@@ -1,0 +1,74 @@
+"""convmixer_tf.files: atomic writes that survive crashes and clean up after dead writers."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from convmixer_tf import files
+
+
+def test_write_replaces_without_leftovers_and_with_normal_permissions(tmp_path):
+    path = tmp_path / "out" / "model.tflite"
+    files.write_atomic(path, b"first")
+    files.write_atomic(path, "second")
+    assert path.read_bytes() == b"second"
+    assert os.listdir(path.parent) == ["model.tflite"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_exception_mid_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_text("previous version")
+    with pytest.raises(OSError, match="disk full"):
+        with files.replacing(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half-written")
+            raise OSError("disk full")
+    assert path.read_text() == "previous version"
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
+def test_a_killed_writer_keeps_the_old_file_and_its_leftover_is_removed_later(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    code = (
+        "import sys, time\n"
+        "from convmixer_tf import files\n"
+        "with files.replacing(sys.argv[1]) as tmp:\n"
+        "    f = open(tmp, 'w'); f.write('half'); f.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"writing"
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(files.TEMP_PREFIX)]
+    assert len(leftovers) == 1
+    # A live writer's temporary is not touched by another writer.
+    files.write_atomic(tmp_path / "other.txt", "x")
+    assert os.path.exists(tmp_path / leftovers[0])
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert path.read_text() == "old"
+    files.write_atomic(path, "new")
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "other.txt"]
+    assert path.read_text() == "new"
+
+
+def test_leftovers_of_other_hosts_are_kept(tmp_path):
+    other = tmp_path / f"{files.TEMP_PREFIX}another-host~1~abcd0123~model.keras"
+    other.write_text("another machine is writing this")
+    assert files.remove_stale_temporaries(tmp_path) == []
+    assert other.exists()
+
+
+def test_writing_onto_a_directory_or_under_a_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        files.write_atomic(tmp_path, b"x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        files.write_atomic(tmp_path / "file" / "model.tflite", b"x")
