@@ -42,6 +42,15 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_unsafe_argument(parser: argparse.ArgumentParser) -> None:
+    """``--unsafe``: let model files run code (see :func:`convmixer_tf.load_model`)."""
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="load model files that hold code (Lambda layers, legacy HDF5): only files you trust",
+    )
+
+
 def run(
     parser: argparse.ArgumentParser,
     work: Callable[[argparse.Namespace], int | None],

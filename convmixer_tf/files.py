@@ -74,15 +74,23 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
 
 
 def _fsync(path: str) -> None:
-    if os.path.isdir(path):
-        for root, _, names in os.walk(path):
-            for name in names:
-                _fsync(os.path.join(root, name))
+    """Flushes one file or one directory entry list (not its contents) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flushes a written file, or every file and folder of a written folder (a SavedModel)."""
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            for name in names:
+                _fsync(os.path.join(root, name))
+            _fsync(root)
+    else:
+        _fsync(path)
 
 
 def _remove(path: str) -> None:
@@ -121,8 +129,12 @@ def check_output_dir(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[str]:
+def replacing(path: str | os.PathLike, *, folder: bool = False) -> Iterator[str]:
     """Yields a temporary path beside ``path``; once the block succeeds, it replaces ``path``.
+
+    With ``folder=True`` the block writes a folder (a SavedModel) and an existing folder at
+    ``path`` is replaced (the caller checks that it may be); otherwise ``path`` must not be a
+    folder.
 
     The temporary path ends with ``path``'s own name, so writers that check the extension (Keras'
     ``model.save``) accept it. If the block raises, ``path`` is untouched and the temporary is
@@ -133,17 +145,18 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
         >>> with files.replacing("out/model.keras") as tmp:  # doctest: +SKIP
         ...     model.save(tmp)
     """
-    path = check_writable(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(folder)
+    path = os.path.normpath(os.fspath(path)) if folder else check_writable(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    check_output_dir(parent)
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(parent)
     name = f"{TEMP_PREFIX}{_host()}~{os.getpid()}~{secrets.token_hex(4)}~{os.path.basename(path)}"
-    tmp = os.path.join(folder, name)
+    tmp = os.path.join(parent, name)
     try:
         yield tmp
         if not os.path.lexists(tmp):
             raise RuntimeError(f"Nothing was written to the temporary file for {path!r}.")
-        _fsync(tmp)
+        _fsync_tree(tmp)
         if os.path.isdir(tmp) and os.path.isdir(path):
             # A folder (SavedModel) cannot replace a folder atomically: move the old one aside.
             old = f"{tmp}.old"
@@ -152,7 +165,7 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
             _remove(old)
         else:
             os.replace(tmp, path)
-        _fsync(folder)
+        _fsync(parent)
     finally:
         _remove(tmp)
 

@@ -235,6 +235,16 @@ def gelu_layer_class(keras):
     return GELU
 
 
+def stock_class(layer):
+    """The stock Keras class a fused layer extends (``Activation``, ``BatchNormalization``),
+    or None for any other layer. Same config and weights: ``stock_class(layer).from_config(
+    layer.get_config())`` is the layer users receive in saved files."""
+    for fused_class in (gelu_layer_class, batch_norm_layer_class):
+        if type(layer) is fused_class(_keras3):
+            return fused_class(_keras3).__bases__[0]
+    return None
+
+
 def activation_layer(keras, activation: str, name: str):
     """The activation layer of the blocks: the fused-gradient ``GELU`` for Keras 3 GELU models,
     ``keras.layers.Activation(activation)`` otherwise.

@@ -27,6 +27,11 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
+def is_tf_keras_model(model) -> bool:
+    """Whether ``model`` is a tf_keras (Keras 2) object rather than a Keras 3 one."""
+    return type(model).__module__.split(".")[0] == "tf_keras"
+
+
 def resolve_keras(keras_module="keras"):
     """Returns the keras-like module for ``"keras"`` (Keras 3), ``"tf_keras"``, or a module."""
     if not isinstance(keras_module, str):

@@ -129,8 +129,14 @@ def rebuild(model, *, keras_module: str = "keras", batch_size: int | None = None
     return rebuilt
 
 
-def _archive_metadata(path: str) -> dict:
-    """The metadata of a ``.keras`` archive; ValueError naming the file if it is not one."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+UNSAFE_HINT = (
+    "Files that hold code (Lambda layers, legacy HDF5) load only with unsafe=True "
+    "(--unsafe): pass it only for files you trust."
+)
+
+
+def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise ValueError(f"Model file not found: {path!r}")
     if os.path.isdir(path):
@@ -139,10 +145,19 @@ def _archive_metadata(path: str) -> dict:
         )
     if os.path.getsize(path) == 0:
         raise ValueError(f"Model file {path!r} is empty.")
+
+
+def _is_hdf5(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+
+
+def _archive_metadata(path: str) -> dict:
+    """The metadata of a ``.keras`` archive; ValueError naming the file if it is not one."""
     if not zipfile.is_zipfile(path):
+        kind = "a legacy HDF5 model" if _is_hdf5(path) else "truncated, corrupt, or another format"
         raise ValueError(
-            f"{path!r} is not a .keras archive (a zip file): it is truncated, corrupt, or in "
-            "another format. Legacy HDF5 (.h5) models are not loaded: they can run code."
+            f"{path!r} is not a .keras archive (a zip file): it is {kind}. {UNSAFE_HINT}"
         )
     try:
         with zipfile.ZipFile(path) as archive:
@@ -152,17 +167,29 @@ def _archive_metadata(path: str) -> dict:
         raise ValueError(f"{path!r} is not a readable .keras archive: {e}") from e
 
 
-def load_model(path: str | os.PathLike, *, keras_module: str = "keras", compile: bool = False):
+def load_model(
+    path: str | os.PathLike,
+    *,
+    keras_module: str = "keras",
+    compile: bool = False,
+    unsafe: bool = False,
+):
     """Loads a ``.keras`` file saved by Keras 3 or by tf_keras, as a model of ``keras_module``.
 
-    Files are read with ``safe_mode=True``: nothing stored in them runs. A ConvMixer saved by
-    the other Keras is rebuilt (:func:`rebuild`) with the same weights; other models must be
-    asked for with the Keras that saved them. Files with this project's fused layers
-    (``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization``) load too.
+    Nothing stored in the file runs: only ``.keras`` archives are read, with ``safe_mode=True``
+    (a Lambda layer or a pickled function is an error), whichever Keras saved them. tf_keras
+    would send any other file to its legacy HDF5 loader, which runs Lambdas outside any safe
+    mode, so other files are refused. ``unsafe=True`` lifts both (``safe_mode=False``, legacy
+    HDF5 files through tf_keras): only for files you trust.
+
+    A ConvMixer saved by the other Keras is rebuilt (:func:`rebuild`) with the same weights;
+    other models must be asked for with the Keras that saved them. Files with this project's
+    fused layers (``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization``; files of
+    version 0.1) load too.
 
     Raises:
-        ValueError: naming the file, if it is missing, empty, not a ``.keras`` archive, or
-            cannot be deserialized.
+        ValueError: naming the file, if it is missing, empty, not a ``.keras`` archive, holds
+            code (without ``unsafe``), or cannot be deserialized.
 
     Example:
         >>> import convmixer_tf
@@ -176,16 +203,28 @@ def load_model(path: str | os.PathLike, *, keras_module: str = "keras", compile:
             f"`keras_module` must be one of {KERAS_MODULES}. "
             f"Received: keras_module={keras_module!r}"
         )
-    metadata = _archive_metadata(path)
-    # tf_keras records its own version (2.x) as the archive's "keras_version".
-    saved_with = "tf_keras" if str(metadata.get("keras_version", "")).startswith("2.") else "keras"
-    module = model_lib.resolve_keras(saved_with)
-    load = module.saving.load_model if saved_with == "keras" else module.models.load_model
+    _check_file(path)
+    if unsafe and not zipfile.is_zipfile(path) and _is_hdf5(path):
+        saved_with = "tf_keras"
+        import tf_keras
+
+        def load(path, compile, safe_mode):
+            del safe_mode  # the legacy HDF5 loader has none
+            return tf_keras.models.load_model(path, compile=compile)
+    else:
+        metadata = _archive_metadata(path)
+        # tf_keras records its own version (2.x) as the archive's "keras_version".
+        version = str(metadata.get("keras_version", ""))
+        saved_with = "tf_keras" if version.startswith("2.") else "keras"
+        module = model_lib.resolve_keras(saved_with)
+        load = module.saving.load_model if saved_with == "keras" else module.models.load_model
     try:
-        model = load(path, compile=compile, safe_mode=True)
+        model = load(path, compile=compile, safe_mode=not unsafe)
     except Exception as e:  # noqa: BLE001 (Keras raises many types; report them as one)
+        hint = f" {UNSAFE_HINT}" if "safe_mode" in str(e) else ""
+        message = _short_reason(str(e))
         raise ValueError(
-            f"Cannot load model {path!r} ({saved_with}): {type(e).__name__}: {e}"
+            f"Cannot load model {path!r} ({saved_with}): {type(e).__name__}: {message}{hint}"
         ) from e
     if saved_with != keras_module:
         try:
@@ -197,8 +236,60 @@ def load_model(path: str | os.PathLike, *, keras_module: str = "keras", compile:
     return model
 
 
+def _short_reason(message: str, limit: int = 300) -> str:
+    """The innermost reason of a Keras deserialization error, on one line (Keras nests the
+    whole model config into its messages)."""
+    reason = message.rsplit("Exception encountered:", 1)[-1]
+    reason = reason.split("Full object config:", 1)[0]
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def stock_model(model):
+    """The same model built from stock Keras 3 layers only: what users receive.
+
+    A tf_keras ConvMixer (multi-worker training) is rebuilt as Keras 3; the CPU-fused training
+    layers of :mod:`convmixer_tf.fused` are swapped for the Keras classes they extend (same
+    config, same weights). The result holds no optimizer: it loads with stock Keras
+    (``keras.saving.load_model(path)``, ``safe_mode=True``) in a process that never imports
+    this project, and computes the same function.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(8, 8, 3), num_classes=10)
+        >>> type(model.get_layer("stem_act")).__name__
+        'GELU'
+        >>> type(stock_model(model).get_layer("stem_act")).__name__
+        'Activation'
+    """
+    from convmixer_tf import fused
+
+    if model_lib.is_tf_keras_model(model):
+        model = rebuild(model, keras_module="keras")
+    import keras
+
+    def clone(layer):
+        layer_class = fused.stock_class(layer) or type(layer)
+        return layer_class.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(model, clone_function=clone)
+    # clone_model compiles the clone like the source: a new Model over the same graph carries
+    # no optimizer, loss or schedule (those stay in the run's backup).
+    inputs, outputs = (
+        tensors[0] if len(tensors) == 1 else tensors for tensors in (clone.inputs, clone.outputs)
+    )
+    stock = keras.Model(inputs, outputs, name=model.name)
+    for layer in stock.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return stock
+
+
 def save_model(model, path: str | os.PathLike) -> None:
-    """Saves a Keras model (Keras 3 or tf_keras) as ``.keras``, atomically.
+    """Saves the model users receive: :func:`stock_model` as ``.keras``, atomically.
+
+    Training-time state (optimizer, learning-rate schedule) is not stored: a resumable run keeps
+    it in its backup directory.
 
     Example:
         >>> from convmixer_tf import saving
@@ -207,5 +298,6 @@ def save_model(model, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise ValueError(f"The output file must end with '.keras'. Received: {path!r}")
+    deliverable = stock_model(model)
     with files.replacing(path) as tmp:
-        model.save(tmp)
+        deliverable.save(tmp)

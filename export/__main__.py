@@ -1,4 +1,4 @@
-"""Export a ConvMixer ``.keras`` model to TFLite.
+"""Export a ConvMixer ``.keras`` model to TFLite or to a SavedModel for serving.
 
 Usage::
 
@@ -10,9 +10,14 @@ Usage::
     # quantization-aware fine-tuning (tfmot), then full-integer conversion; Edge TPU op check
     python -m export --model model.keras --format qat --output out/model_qat.tflite \\
         --data-dir ../shared/data/cifar10/train --qat-steps 300 --qat-lr 1e-5 --edgetpu
+    # a SavedModel for TF Serving: raw uint8 pixels or encoded image files in, top-5 out
+    python -m export --model runs/c10/model.keras --format saved_model --output served/1
 
 Writes the .tflite atomically, the class names next to it (``model.labels.txt``; also stored in
-the file's metadata) and prints one JSON line describing the result.
+the file's metadata; ``serving_default`` signature: ``pixels`` in, ``logits`` out) and prints one
+JSON line describing the result. Class names come from ``--data-dir`` / ``--dataset``, else from
+the training run's ``class_names.json`` beside ``--model``; a SavedModel's image-file
+preprocessing from the run's ``config.json`` (``crop_pct``, ``interpolation``) unless given.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from convmixer_tf import cli
+from convmixer_tf.constants import INTERPOLATIONS
 from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
 
 
@@ -34,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="the .keras model")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, help="the .tflite file to write")
+    parser.add_argument(
+        "--output", required=True, help="the .tflite file (a folder for saved_model) to write"
+    )
     add_data_source_arguments(parser, required=False)
     parser.add_argument(
         "--calibration-images", type=int, default=256,
@@ -62,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--edgetpu", action="store_true",
                         help="report whether every op suits the Edge TPU compiler")  # fmt: skip
+    parser.add_argument(
+        "--crop-pct", type=float, default=None,
+        help="saved_model: center crop of the image-file signature (default: the training run's "
+        "config.json beside --model, else 0.96 as for the ImageNet checkpoints)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--interpolation", choices=INTERPOLATIONS, default=None,
+        help="saved_model: resize method of the image-file signature (default: the training "
+        "run's, else bicubic)",
+    )  # fmt: skip
+    cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
     return parser
 
@@ -69,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Exports as ``args`` say; prints the JSON report on stdout, all logging on stderr."""
     from convmixer_tf import files
-    from export import pipeline
+    from export import pipeline, saved_model
     from training.data import data_source_kwargs
 
     has_data = bool(args.data_dir or args.dataset)
@@ -83,17 +102,28 @@ def run(args: argparse.Namespace) -> int:
     )
     # Everything that can be checked without loading a model, before loading it.
     pipeline.check_request(args.format, has_data=has_data, **request)
-    files.check_writable(args.output)
+    if args.format == "saved_model":
+        saved_model.check_output(args.output)
+    else:
+        files.check_writable(args.output)
+    # A training run's folder tells the class names and the evaluation transform.
+    run_settings = pipeline.training_run_settings(args.model)
+    if has_data:
+        run_settings.pop("class_names", None)  # the data's own names win
+    for name in ("crop_pct", "interpolation"):
+        if getattr(args, name) is not None:
+            run_settings[name] = getattr(args, name)
     with cli.stdout_to_stderr():
         import convmixer_tf
 
-        model = convmixer_tf.load_model(args.model)
+        model = convmixer_tf.load_model(args.model, unsafe=args.unsafe)
         result = pipeline.export_model(
             model,
             args.format,
             args.output,
             data=data_source_kwargs(args) if has_data else None,
             input_size=args.input_size,
+            **run_settings,
             qat_lr=args.qat_lr,
             qat_batch_size=args.qat_batch_size,
             edgetpu=args.edgetpu,

@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="folder for the result files")
     parser.add_argument("--out-dir", dest="output_dir", action=cli.DeprecatedAlias,
                         new_option="--output-dir", help=argparse.SUPPRESS)  # fmt: skip
+    cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
     return parser
 
@@ -340,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     import convmixer_tf
 
     if args.model:
-        model = convmixer_tf.load_model(args.model)
+        model = convmixer_tf.load_model(args.model, unsafe=args.unsafe)
     else:
         model = convmixer_tf.create_model(args.preset)
     summary = benchmark_formats(model, args)

@@ -1,6 +1,8 @@
 """The export's choices, shared by its library and its command lines; imports no TensorFlow."""
 
-FORMATS = ("fp32", "fp16", "dynamic", "int8", "qat")
+TFLITE_FORMATS = ("fp32", "fp16", "dynamic", "int8", "qat")
+# What `python -m export --format` writes: a .tflite of TFLITE_FORMATS, or a serving SavedModel.
+FORMATS = (*TFLITE_FORMATS, "saved_model")
 FLOAT_FORMATS = ("fp32", "fp16", "dynamic")
 INTEGER_FORMATS = ("int8", "qat")
 IO_TYPES = ("int8", "uint8")

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keras", default=None, help="the .keras model to compare with")
     parser.add_argument("--threads", type=int, default=1)
     add_evaluation_data_arguments(parser)
+    cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
     return parser
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from training.data import evaluation_data_kwargs, load_dataset
 
     classifier = TFLiteClassifier(args.tflite)
-    keras_model = convmixer_tf.load_model(args.keras) if args.keras else None
+    keras_model = convmixer_tf.load_model(args.keras, unsafe=args.unsafe) if args.keras else None
     height, width = (int(d) for d in classifier.input["shape"][1:3])
     dataset, _ = load_dataset(image_size=(height, width), **evaluation_data_kwargs(args))
     result = evaluate(

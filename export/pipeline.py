@@ -24,18 +24,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 import convmixer_tf
-from convmixer_tf import files
-from export import quantize, tflite
+from convmixer_tf import files, imagenet
+from convmixer_tf.constants import INTERPOLATIONS
+from export import quantize, saved_model, tflite
+from export.constants import FORMATS
 
 DEFAULT_CALIBRATION_IMAGES = 256
 
 
 @dataclasses.dataclass
 class ExportResult:
-    """What :func:`export_model` made: the .tflite bytes, its JSON-ready report, and the
-    fake-quant Keras model of a QAT export (the reference its .tflite should agree with)."""
+    """What :func:`export_model` made: the .tflite bytes (None for a SavedModel), its JSON-ready
+    report, and the fake-quant Keras model of a QAT export (the reference its .tflite should
+    agree with)."""
 
-    blob: bytes
+    blob: bytes | None
     report: dict
     qat_model: object | None = None
 
@@ -81,8 +84,8 @@ def check_request(
 ) -> None:
     """Raises a ValueError naming the option whose value cannot work; no TensorFlow work."""
     parse_depthwise_tile(depthwise_tile)
-    if fmt not in tflite.FORMATS:
-        raise ValueError(f"format must be one of {tflite.FORMATS}. Received: {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}. Received: {fmt!r}")
     if io_type not in tflite.IO_TYPES:
         raise ValueError(f"io must be one of {tflite.IO_TYPES}. Received: {io_type!r}")
     if batch_norm not in tflite.BATCH_NORM_MODES:
@@ -113,6 +116,15 @@ def check_request(
         raise ValueError(f"calibration_images must be positive. Received: {calibration_images}")
 
 
+def _check_class_names(class_names, model) -> None:
+    outputs = int(model.output_shape[-1])
+    if class_names is not None and len(class_names) != outputs:
+        raise ValueError(
+            f"{len(class_names)} class names ({list(class_names)[:3]}...) for a model with "
+            f"{outputs} outputs."
+        )
+
+
 def fixed_input_model(model, input_size: int | None = None):
     """``model`` with a fixed square input size (exports need one); ValueError if it has none."""
     args = convmixer_tf.model_arguments(model)
@@ -129,6 +141,36 @@ def fixed_input_model(model, input_size: int | None = None):
     return model
 
 
+def training_run_settings(model_path: str | os.PathLike) -> dict:
+    """What a training run's folder says about the model file in it: ``class_names`` (from
+    ``class_names.json``) and the evaluation ``crop_pct`` and ``interpolation`` (from
+    ``config.json``); an empty dict for a model file outside a run folder."""
+    import json
+
+    from training.trainer import CLASS_NAMES_FILE, CONFIG_FILE
+
+    folder = os.path.dirname(os.path.abspath(os.fspath(model_path)))
+    settings = {}
+    try:
+        with open(os.path.join(folder, CLASS_NAMES_FILE)) as f:
+            names = json.load(f)
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            settings["class_names"] = names
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            config = json.load(f)
+        crop_pct, interpolation = config.get("crop_pct"), config.get("interpolation")
+        if isinstance(crop_pct, int | float) and 0 < crop_pct <= 1:
+            settings["crop_pct"] = float(crop_pct)
+        if interpolation in INTERPOLATIONS:
+            settings["interpolation"] = interpolation
+    except (OSError, ValueError):
+        pass
+    return settings
+
+
 def export_model(
     model,
     fmt: str,
@@ -138,6 +180,8 @@ def export_model(
     calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
     class_names: Sequence[str] | None = None,
     input_size: int | None = None,
+    crop_pct: float = imagenet.CROP_PCT,
+    interpolation: str = imagenet.INTERPOLATION,
     io_type: str = "int8",
     depthwise_tile: str | int | None = "auto",
     batch_norm: str = "depthwise",
@@ -148,13 +192,14 @@ def export_model(
     edgetpu: bool = False,
     verbose: int = 2,
 ) -> ExportResult:
-    """Converts a Keras ConvMixer to a .tflite of ``fmt``; with ``output``, writes it.
+    """Converts a Keras ConvMixer to a .tflite of ``fmt`` or a serving SavedModel.
 
     Args:
         model: a Keras 3 or tf_keras ConvMixer (for example from :func:`convmixer_tf.load_model`).
-        fmt: ``"fp32"``, ``"fp16"``, ``"dynamic"``, ``"int8"`` (post-training) or ``"qat"``.
+        fmt: ``"fp32"``, ``"fp16"``, ``"dynamic"``, ``"int8"`` (post-training), ``"qat"``, or
+            ``"saved_model"`` (:mod:`export.saved_model`).
         output: the .tflite path (written atomically, the class names beside it as
-            ``<name>.labels.txt``); None returns the bytes only.
+            ``<name>.labels.txt``; None returns the bytes only), or the SavedModel folder.
         data: the training data, as :func:`training.data.load_dataset` keyword arguments that
             name it (``data_dir`` or ``dataset``, ``tfds_data_dir``, ``validation_fraction``,
             ``limit_per_class``): calibration images, QAT batches and class names come from its
@@ -162,7 +207,10 @@ def export_model(
         calibration_images: how many training images calibrate int8 ranges, or the images
             themselves (raw pixels, ``(N, H, W, 3)``).
         class_names: stored in the .tflite's metadata; default: the data's class names.
-        input_size: a square input size for models without a fixed one.
+        input_size: a square input size for models without a fixed one (a SavedModel keeps
+            the free size for its pixel signature and resizes image files to this one).
+        crop_pct, interpolation: the evaluation transform of the SavedModel's image-file
+            signature (the variant's, or the training run's).
         io_type: input/output type of the integer formats, ``"int8"`` or ``"uint8"``.
         depthwise_tile, batch_norm: see :func:`export.tflite.prepare_keras_model`.
         qat_steps, qat_epochs: QAT length (one of them for ``"qat"``).
@@ -187,9 +235,23 @@ def export_model(
         qat_epochs=qat_epochs,
         calibration_images=calibration_images,
     )
+    if fmt == "saved_model":
+        if output is None:
+            raise ValueError("format saved_model needs an output folder.")
+        saved_model.check_output(os.fspath(output))
+        if class_names is None and data is not None:
+            from training.data import decoded_dataset
+
+            class_names = decoded_dataset(**data, split="train").class_names
+        report = saved_model.write(
+            model, output, class_names=class_names, input_size=input_size, crop_pct=crop_pct,
+            interpolation=interpolation,
+        )  # fmt: skip
+        return ExportResult(blob=None, report=report)
     if output is not None:
         output = files.check_writable(output)
     model = fixed_input_model(model, input_size)
+    _check_class_names(class_names, model)
     image_size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
 
     calibration = calibration_images if isinstance(calibration_images, np.ndarray) else None

@@ -35,7 +35,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from export import quantize, rewrite
-from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
+from export.constants import BATCH_NORM_MODES, INTEGER_FORMATS, IO_TYPES, TFLITE_FORMATS
 
 # Raw pixels map exactly: scale 1, zero point by io type.
 PIXEL_QUANTIZATION = {"int8": (1.0, -128), "uint8": (1.0, 0)}
@@ -45,6 +45,10 @@ FAST_DEPTHWISE_KERNEL = 5
 # and 3x3 in fp32 and int8 (docs/export.md has the measurements).
 DEFAULT_DEPTHWISE_TILE = 3
 LABELS_METADATA = "convmixer_labels"
+# The .tflite's one signature: Interpreter.get_signature_runner()(pixels=...)["logits"].
+SIGNATURE_KEY = "serving_default"
+SIGNATURE_INPUTS = ("pixels",)
+SIGNATURE_OUTPUTS = ("logits",)
 
 # Ops the Edge TPU compiler maps to the TPU (coral.ai "TensorFlow models on the Edge TPU",
 # supported operations, compiler 16). Everything else (e.g. GELU) falls back to the CPU.
@@ -128,7 +132,7 @@ def convert(
     Args:
         model: a Keras 3 ConvMixer (any format but "qat"), or for ``fmt="qat"`` the fine-tuned
             fake-quant model from :func:`export.quantize.quantize_model`.
-        fmt: one of :data:`FORMATS`: ``fp32``; ``fp16`` (fp16 weights, float compute);
+        fmt: one of :data:`TFLITE_FORMATS`: ``fp32``; ``fp16`` (fp16 weights, float compute);
             ``dynamic`` (int8 weights, float activations); ``int8`` (full-integer post-training
             quantization, calibrated on ``calibration_images``); ``qat`` (full integer from a
             QAT model; the converter still needs ``calibration_images`` for int8 input/output).
@@ -152,8 +156,8 @@ def convert(
         >>> summarize(blob).input_quantization
         (1.0, -128)
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"Unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+    if fmt not in TFLITE_FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}; valid formats: {', '.join(TFLITE_FORMATS)}.")
     if io_type not in IO_TYPES:
         raise ValueError(f"`io_type` must be one of {IO_TYPES}. Received: io_type={io_type!r}")
     if fmt in INTEGER_FORMATS and (calibration_images is None or len(calibration_images) == 0):
@@ -191,7 +195,36 @@ def convert(
             raise RuntimeError(f"The {fmt} model is not fully integer: {'; '.join(problems)}")
     if class_names is not None:
         _set_labels(flat, class_names)
+    _name_signature(flat)
     return _model_bytes(flat)
+
+
+def _name_signature(model) -> None:
+    """Names the one signature ``serving_default`` with input ``pixels`` and output ``logits``.
+
+    The converter names the output after the Keras output layer or ``output_0`` (it differs by
+    format: QAT's is ``quant_head``); one name lets ``Interpreter.get_signature_runner()``
+    callers use every format alike.
+    """
+    graph = model.subgraphs[0]
+    signature = schema.SignatureDefT()
+    signature.signatureKey = SIGNATURE_KEY
+    signature.subgraphIndex = 0
+    signature.inputs, signature.outputs = [], []
+    for names, indices, target in (
+        (SIGNATURE_INPUTS, graph.inputs, signature.inputs),
+        (SIGNATURE_OUTPUTS, graph.outputs, signature.outputs),
+    ):
+        if len(names) != len(indices):
+            raise RuntimeError(
+                f"Expected {len(names)} tensor(s) for {names}, found {len(indices)}."
+            )
+        for name, index in zip(names, indices, strict=True):
+            tensor_map = schema.TensorMapT()
+            tensor_map.name = name
+            tensor_map.tensorIndex = int(index)
+            target.append(tensor_map)
+    model.signatureDefs = [signature]
 
 
 def make_converter(

@@ -110,3 +110,55 @@ def test_every_cli_follows_the_convention():
         assert "--debug" in parser._option_string_actions, name  # noqa: SLF001
         assert callable(module.main), name
     assert os.path.exists(REPO_ROOT / "CHANGELOG.md")
+
+
+@pytest.fixture
+def malicious_models(tmp_path, monkeypatch):
+    """A Keras 3 .keras and a tf_keras .h5 whose Lambda creates the file PWNED when run."""
+    import keras
+    import tf_keras
+
+    monkeypatch.chdir(tmp_path)
+
+    # A lambda, not a def: Keras stores a lambda's bytecode (a def only by name).
+    touch = lambda x: (__import__("pathlib").Path("PWNED").touch(), x)[1]  # noqa: E731
+
+    k3 = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Lambda(touch)])
+    k3.save(tmp_path / "evil.keras")
+    k2 = tf_keras.Sequential([tf_keras.Input((16, 16, 3)), tf_keras.layers.Lambda(touch)])
+    k2.save(tmp_path / "evil.h5")
+    (tmp_path / "PWNED").unlink()  # building the models ran the Lambdas once
+    return tmp_path / "evil.keras", tmp_path / "evil.h5"
+
+
+def test_no_cli_runs_code_from_a_model_file(malicious_models, tmp_path, cifar10_train_dir, capsys):
+    import convmixer_tf
+    from export import __main__ as export_cli
+    from export import benchmark as export_benchmark
+    from export import evaluate as export_evaluate
+    from export import tflite
+    from training import evaluate as training_evaluate
+
+    tflite_path = tmp_path / "m.tflite"
+    model = convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(16, 16, 3), num_classes=10)
+    tflite_path.write_bytes(tflite.convert(model, "fp32"))
+    capsys.readouterr()  # the converter's logging
+    data = ["--data-dir", str(cifar10_train_dir), "--limit-per-class", "1"]
+    for path in malicious_models:
+        commands = {
+            "python -m training.evaluate": (training_evaluate, ["--model", str(path), *data]),
+            "python -m export": (export_cli, ["--model", str(path), "--format", "fp32",
+                                              "--output", str(tmp_path / "o.tflite")]),
+            "python -m export.evaluate": (export_evaluate, ["--tflite", str(tflite_path),
+                                                            "--keras", str(path), *data]),
+            "python -m export.benchmark": (export_benchmark, ["--model", str(path),
+                                                              "--output-dir", str(tmp_path)]),
+        }  # fmt: skip
+        for prog, (module, argv) in commands.items():
+            assert module.main(argv) == 2, (prog, path.name)
+            err = one_error_line(capsys, prog)
+            assert path.name in err and "--unsafe" in err, err
+            assert not (tmp_path / "PWNED").exists(), (prog, path.name)
+    # The explicit opt-in loads (and so runs) the trusted file.
+    assert convmixer_tf.load_model(malicious_models[0], unsafe=True) is not None
+    assert (tmp_path / "PWNED").exists()

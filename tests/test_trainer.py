@@ -168,8 +168,9 @@ def test_tf_keras_model_trains_with_the_same_code(cifar10_train_dir, tmp_path):
     )
     metrics = trainer.train(config)
     assert metrics["final"]["epoch"] == 1 and np.isfinite(metrics["final"]["loss"])
-    model = tf_keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
-    assert isinstance(model, tf_keras.Model) and model.output_shape == (None, 10)
+    # The deliverable is the same model as Keras 3 with stock layers, whatever Keras trained it.
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert isinstance(model, keras.Model) and model.output_shape == (None, 10)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["keras_module"] == "tf_keras"
 
 

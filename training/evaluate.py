@@ -95,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a .keras file")
     parser.add_argument("--image-size", type=int, help="default: the model's input size")
     add_evaluation_data_arguments(parser, batch_size=100)
+    cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluates as ``args`` say; prints one JSON line."""
-    model = convmixer_tf.load_model(args.model)
+    model = convmixer_tf.load_model(args.model, unsafe=args.unsafe)
     image_size = args.image_size or model.input_shape[1]
     if image_size is None:
         raise ValueError(f"{args.model!r} has no fixed input size: give --image-size.")
