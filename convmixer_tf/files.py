@@ -38,7 +38,8 @@ def _host() -> str:
     return socket.gethostname().replace("~", "_") or "localhost"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +62,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
         return removed
     for name in names:
         match = _TEMP_NAME.fullmatch(name)
-        if not match or match["host"] != host or _alive(int(match["pid"])):
+        if not match or match["host"] != host or process_alive(int(match["pid"])):
             continue
         path = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):

@@ -154,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
     classifier = TFLiteClassifier(args.tflite)
     keras_model = convmixer_tf.load_model(args.keras, unsafe=args.unsafe) if args.keras else None
     height, width = (int(d) for d in classifier.input["shape"][1:3])
-    dataset, _ = load_dataset(image_size=(height, width), **evaluation_data_kwargs(args))
+    data = evaluation_data_kwargs(args)
+    dataset, _ = load_dataset(image_size=(height, width), **data)
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
         num_threads=args.threads,
     )  # fmt: skip
-    print(json.dumps(result))
+    print(json.dumps({"split": data["split"], **result}))
     return 0
 
 

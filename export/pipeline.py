@@ -147,7 +147,7 @@ def training_run_settings(model_path: str | os.PathLike) -> dict:
     ``config.json``); an empty dict for a model file outside a run folder."""
     import json
 
-    from training.trainer import CLASS_NAMES_FILE, CONFIG_FILE
+    from training.rundir import CLASS_NAMES_FILE, CONFIG_FILE
 
     folder = os.path.dirname(os.path.abspath(os.fspath(model_path)))
     settings = {}

@@ -110,7 +110,7 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no class sub-folders"):
         data.load_dataset(data_dir=str(tmp_path), image_size=8, batch_size=2)
     (tmp_path / "cat").mkdir()
-    with pytest.raises(ValueError, match="No images in split 'train'"):
+    with pytest.raises(ValueError, match=r"Class folder\(s\) \['cat'\].*no image in split 'train'"):
         data.load_dataset(data_dir=str(tmp_path), image_size=8, batch_size=2)
 
 

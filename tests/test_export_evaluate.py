@@ -88,5 +88,7 @@ def test_cli_holds_out_the_fraction_training_held_out(
         assert evaluate.main(argv) == 0
         return json.loads(capsys.readouterr().out)["n"]
 
-    assert evaluated(base) == 2 * 1  # default 0.1: the last image of each class
-    assert evaluated([*base, "--validation-fraction", "0.5"]) == 2 * 5
+    assert evaluated(base) == 2 * 10  # by default: the whole folder it is given
+    held_out = [*base, "--split", "validation"]
+    assert evaluated(held_out) == 2 * 1  # training's hold-out: the last 10% of each class
+    assert evaluated([*held_out, "--validation-fraction", "0.5"]) == 2 * 5

@@ -229,15 +229,17 @@ def test_kill_9_then_rerun_resumes(cifar10_train_dir, tmp_path):
     killed_at = json.loads(pointer.read_text())["epoch"]
     assert 1 <= killed_at < 40 and not (out / "model.keras").exists()
 
-    command[command.index("--epochs") + 1] = str(killed_at + 1)
+    # The killed run left its lock: stale (its process is gone), taken over by the rerun.
+    assert (out / "run.lock").exists()
     rerun = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"Resuming from the backup of epoch {killed_at}" in rerun.stderr
+    assert "stale lock" in rerun.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, killed_at + 2))
-    assert (out / "model.keras").exists()
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 41))
+    assert (out / "model.keras").exists() and not (out / "run.lock").exists()
 
     # A fresh process evaluates the saved model (its custom layers must deserialize).
     evaluation = subprocess.run(

@@ -26,11 +26,10 @@ import tensorflow as tf
 
 from convmixer_tf import files, saving
 from training import distribute
+from training.rundir import CURVES_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "training_curves.png"
 BACKUP_POINTER = "latest.json"
 
 

@@ -55,8 +55,10 @@ class TrainConfig:
     activation: str | None = None
     keras_module: str = "auto"  # auto: tf_keras for multi_worker, Keras 3 otherwise
     # Data: an image folder (data_dir) or a TFDS dataset (dataset), exactly one.
-    data_dir: str | None = None
+    data_dir: str | None = None  # class folders, or a root with train/ and val/ (validation/)
     dataset: str | None = None
+    val_dir: str | None = None  # a separate validation folder (else held out of data_dir)
+    val_labels: str | None = None  # label file of a flat val_dir (official ImageNet val)
     tfds_data_dir: str | None = None
     train_split: str = "train"
     val_split: str | None = "validation"  # None: no validation
@@ -94,6 +96,7 @@ class TrainConfig:
     # Run.
     seed: int = 0
     output_dir: str = "runs/default"
+    overwrite: bool = False  # start a new run in output_dir, removing an earlier run's outputs
     mixed_precision: bool = False
     jit_compile: bool = False
     # Reuse freed memory instead of unmapping it (glibc; training.allocator): a third faster on CPU.
@@ -155,15 +158,38 @@ def check(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(config, name)}")
+    if not config.lr_max > 0:
+        raise ValueError(f"`lr_max` must be positive. Received: lr_max={config.lr_max}")
+    if not 0.0 <= config.weight_decay < 1.0:
+        raise ValueError(
+            f"`weight_decay` must be in [0, 1). Received: weight_decay={config.weight_decay}"
+        )
+    if not config.adam_epsilon > 0:
+        raise ValueError(f"`adam_epsilon` must be positive. Received: {config.adam_epsilon}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        raise ValueError(f"`clip_norm` must be positive or None. Received: {config.clip_norm}")
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise ValueError(
+            "`validation_fraction` must be in [0, 1). "
+            f"Received: validation_fraction={config.validation_fraction}"
+        )
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ValueError(f"`steps_per_epoch` must be positive. Received: {config.steps_per_epoch}")
+    if (config.val_dir or config.val_labels) and config.data_dir is None:
+        raise ValueError("`val_dir` and `val_labels` apply to image folders: give `data_dir`.")
     if config.data_dir is not None and config.dataset is not None:
         raise ValueError(
             "Give either `data_dir` (an image folder) or `dataset` (a TFDS name), not both. "
             f"Received: data_dir={config.data_dir!r}, dataset={config.dataset!r}"
         )
-    for name in ("label_smoothing", "random_erasing", "color_jitter"):
+    for name in ("random_erasing", "color_jitter"):
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ValueError(
+            f"`label_smoothing` must be in [0, 1). Received: {config.label_smoothing}"
+        )
     lo, hi = config.scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import typing
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_SHUFFLE_BUFFER = 10_000  # examples held for shuffling (memory: decoded images)
 IMAGE_FOLDER_SPLITS = ("train", "validation", "all")
+# A dataset root holding `train/` and one of these is read as separate training and validation
+# folders (timm's and torchvision's ImageNet layout).
+VALIDATION_FOLDERS = ("val", "validation")
 # Cache decoded images in memory when they need less than this (estimated from the first image).
 DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
 
@@ -183,7 +187,7 @@ def scan_image_folder(
             f"Image folder {data_dir!r} has no class sub-folders; expected DIR/<class>/<image>."
         )
 
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(data_dir, name)
         files = sorted(
@@ -196,8 +200,15 @@ def scan_image_folder(
             files = files[len(files) - n_val :]
         if limit_per_class is not None:
             files = files[:limit_per_class]
+        if not files and (split != "validation" or validation_fraction > 0):
+            empty.append(name)
         paths.extend(os.path.join(class_dir, f) for f in files)
         labels.extend([label] * len(files))
+    if empty:
+        raise ValueError(
+            f"Class folder(s) {empty[:10]} of {data_dir!r} have no image in split {split!r}: a "
+            "model would learn an output it never sees. Remove them or add images."
+        )
 
     skipped = []
     if check_files and paths:
@@ -224,6 +235,213 @@ def scan_image_folder(
             f"(classes: {class_names}, validation_fraction={validation_fraction})."
         )
     return ImageFolder(tuple(paths), tuple(labels), tuple(class_names), tuple(skipped))
+
+
+def _class_folders(data_dir: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+    """Where the images of an image-folder run are.
+
+    Attributes:
+        train_dir: the training class folders ``<class>/<image>``.
+        val_dir: a separate validation folder (class folders, or flat with ``val_labels``), or
+            None: the validation split is then held out of ``train_dir``.
+        val_labels: the label file of a flat validation folder, or None.
+    """
+
+    train_dir: str
+    val_dir: str | None = None
+    val_labels: str | None = None
+
+
+def resolve_layout(
+    data_dir: str, val_dir: str | None = None, val_labels: str | None = None
+) -> FolderLayout:
+    """The layout of ``data_dir``: class folders, or a root with ``train/`` and ``val/``.
+
+    A root holding a ``train`` folder of class folders and one of :data:`VALIDATION_FOLDERS`
+    (timm's and torchvision's ImageNet layout) reads ``train/`` for training and the other for
+    validation. ``val_dir`` names the validation folder explicitly; ``val_labels`` makes it a
+    flat folder of images with a label file (the official ImageNet validation set).
+
+    Example:
+        >>> resolve_layout("../shared/data/cifar10/train").val_dir is None
+        True
+    """
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"Image folder not found or not a directory: {data_dir!r}")
+    if val_labels is not None and val_dir is None:
+        raise ValueError("`val_labels` (--val-labels) needs the flat folder it labels: --val-dir.")
+    if val_dir is not None:
+        if not os.path.isdir(val_dir):
+            raise ValueError(f"Validation folder not found or not a directory: {val_dir!r}")
+        if val_labels is not None and not os.path.isfile(val_labels):
+            raise ValueError(f"Validation label file not found: {val_labels!r}")
+        return FolderLayout(data_dir, val_dir, val_labels)
+    train = os.path.join(data_dir, "train")
+    found = [n for n in VALIDATION_FOLDERS if os.path.isdir(os.path.join(data_dir, n))]
+    if os.path.isdir(train) and found and _class_folders(train):
+        if len(found) > 1:
+            raise ValueError(
+                f"{data_dir!r} holds both {found}: give the validation folder with --val-dir."
+            )
+        return FolderLayout(train, os.path.join(data_dir, found[0]))
+    return FolderLayout(data_dir)
+
+
+def read_label_file(path: str, class_names: Sequence[str]) -> dict[str, int]:
+    """``{image file stem: class index}`` from a label file of a flat validation folder.
+
+    One image per line: its file name (or name without extension) and its class, separated by
+    a comma, tab or spaces; the class is a class folder name (for ImageNet a WordNet id such as
+    ``n01440764``) or an index into the sorted class names. Extra fields are ignored, so
+    Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the class first) works as
+    it is; a header line is skipped. Errors name the file and the line.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = {}
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.replace(",", " ").split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) < 2:
+                raise ValueError(f"{path}:{number}: expected '<image> <class>'. Received: {line!r}")
+            image, label = fields[0], fields[1]
+            if label in index:
+                value = index[label]
+            elif label.isdigit() and int(label) < len(class_names):
+                value = int(label)
+            elif number == 1:
+                continue  # a header
+            else:
+                raise ValueError(
+                    f"{path}:{number}: class {label!r} is neither a class folder name nor an "
+                    f"index below {len(class_names)}."
+                )
+            labels[os.path.splitext(os.path.basename(image))[0]] = value
+    if not labels:
+        raise ValueError(f"Label file {path!r} has no labels.")
+    return labels
+
+
+def scan_flat_folder(
+    val_dir: str,
+    val_labels: str,
+    class_names: Sequence[str],
+    *,
+    limit_per_class: int | None = None,
+    check_files: bool = True,
+) -> ImageFolder:
+    """The images of a flat folder, labelled by :func:`read_label_file` (every image needs a
+    label; labels of missing images are an error too: the set must be complete)."""
+    labels = read_label_file(val_labels, class_names)
+    names = sorted(
+        e.name for e in os.scandir(val_dir) if e.is_file() and not e.name.startswith(".")
+    )
+    stems = {os.path.splitext(n)[0]: n for n in names}
+    unlabelled = sorted(set(stems) - set(labels))
+    missing = sorted(set(labels) - set(stems))
+    if unlabelled or missing:
+        raise ValueError(
+            f"{val_dir!r} and {val_labels!r} disagree: {len(unlabelled)} image(s) without a label "
+            f"{unlabelled[:3]}, {len(missing)} label(s) without an image {missing[:3]}."
+        )
+    by_class: dict[int, list[str]] = {}
+    for stem in sorted(stems):
+        by_class.setdefault(labels[stem], []).append(os.path.join(val_dir, stems[stem]))
+    paths, label_list = [], []
+    for label in sorted(by_class):
+        chosen = by_class[label][:limit_per_class]
+        paths += chosen
+        label_list += [label] * len(chosen)
+    skipped = []
+    if check_files:
+        problems = [check_image_file(p) for p in paths]
+        skipped = [p for p, problem in zip(paths, problems, strict=True) if problem]
+        for path in skipped:
+            logger.warning("Skipping unreadable image %s", path)
+        keep = [problem is None for problem in problems]
+        paths = [p for p, k in zip(paths, keep, strict=True) if k]
+        label_list = [y for y, k in zip(label_list, keep, strict=True) if k]
+    return ImageFolder(tuple(paths), tuple(label_list), tuple(class_names), tuple(skipped))
+
+
+def image_folder_split(
+    data_dir: str,
+    split: str,
+    *,
+    val_dir: str | None = None,
+    val_labels: str | None = None,
+    validation_fraction: float = 0.1,
+    limit_per_class: int | None = None,
+) -> ImageFolder:
+    """One split of an image-folder dataset, whatever its layout (:func:`resolve_layout`).
+
+    With a separate validation folder, ``"train"`` is every image of the training folder,
+    ``"validation"`` every image of the validation folder (whose class folders must be the
+    training folder's) and ``"all"`` both; otherwise the splits are held out of ``data_dir``
+    (:func:`scan_image_folder`).
+
+    Example:
+        >>> image_folder_split("../shared/data/cifar10/train", "validation",
+        ...                    limit_per_class=2).class_names[:2]
+        ('airplane', 'automobile')
+    """
+    layout = resolve_layout(data_dir, val_dir, val_labels)
+    if layout.val_dir is None:
+        return scan_image_folder(
+            data_dir, split=split, validation_fraction=validation_fraction,
+            limit_per_class=limit_per_class,
+        )  # fmt: skip
+    if split not in IMAGE_FOLDER_SPLITS:
+        raise ValueError(
+            f"`split` must be one of {IMAGE_FOLDER_SPLITS} for an image folder. "
+            f"Received: split={split!r}"
+        )
+    parts = []
+    if split in ("train", "all"):
+        parts.append(scan_image_folder(layout.train_dir, limit_per_class=limit_per_class))
+    if split in ("validation", "all"):
+        class_names = _class_folders(layout.train_dir)
+        if layout.val_labels is not None:
+            val = scan_flat_folder(
+                layout.val_dir, layout.val_labels, class_names, limit_per_class=limit_per_class
+            )
+        else:
+            val_classes = _class_folders(layout.val_dir)
+            if val_classes != class_names:
+                raise ValueError(
+                    f"The class folders of {layout.val_dir!r} and {layout.train_dir!r} differ: "
+                    f"only in validation {sorted(set(val_classes) - set(class_names))[:10]}, "
+                    f"only in training {sorted(set(class_names) - set(val_classes))[:10]}."
+                )
+            val = scan_image_folder(layout.val_dir, limit_per_class=limit_per_class)
+        parts.append(val)
+    folder = ImageFolder(
+        tuple(p for part in parts for p in part.paths),
+        tuple(y for part in parts for y in part.labels),
+        parts[0].class_names,
+        tuple(p for part in parts for p in part.skipped),
+    )
+    if not folder.paths:
+        raise ValueError(f"No images in split {split!r} of {layout}.")
+    return folder
+
+
+def default_evaluation_split(
+    data_dir: str | None = None, val_dir: str | None = None, dataset: str | None = None
+) -> str:
+    """What an evaluation scores unless told: TFDS' ``"validation"``; for image folders the
+    separate validation folder if there is one, else every image of the folder (``"all"``)."""
+    if dataset is not None or data_dir is None:
+        return "validation"
+    if val_dir is not None or resolve_layout(data_dir).val_dir is not None:
+        return "validation"
+    return "all"
 
 
 def decode_image_file(path: tf.Tensor) -> tf.Tensor:
@@ -270,10 +488,13 @@ def decoded_dataset(
     limit_per_class: int | None = None,
     shuffle_files: bool = False,
     seed: int = 0,
+    val_dir: str | None = None,
+    val_labels: str | None = None,
 ) -> Decoded:
     """Decoded, unbatched ``(uint8 image (H, W, 3), int32 label)`` elements of one split.
 
-    Exactly one of ``data_dir`` (image folder) and ``dataset`` (TFDS name) must be given.
+    Exactly one of ``data_dir`` (image folder; any layout of :func:`image_folder_split`, with
+    ``val_dir`` / ``val_labels``) and ``dataset`` (TFDS name) must be given.
     Images keep their own size; decoding runs in parallel. Images that fail to decode despite
     passing :func:`check_image_file` are skipped by ``ignore_errors`` (TensorFlow logs them).
 
@@ -292,11 +513,20 @@ def decoded_dataset(
             f"Received: data_dir={data_dir!r}, dataset={dataset!r}"
         )
     if data_dir is not None:
-        folder = scan_image_folder(
+        folder = image_folder_split(
             data_dir,
-            split=split,
+            split,
+            val_dir=val_dir,
+            val_labels=val_labels,
             validation_fraction=validation_fraction,
             limit_per_class=limit_per_class,
+        )
+        logger.info(
+            "Split %r: %d images of %d classes (%s)",
+            split,
+            len(folder.paths),
+            len(folder.class_names),
+            resolve_layout(data_dir, val_dir, val_labels),
         )
         ds = tf.data.Dataset.from_tensor_slices(
             (list(folder.paths), np.asarray(folder.labels, np.int32))
@@ -317,7 +547,15 @@ def decoded_dataset(
         builder = tfds.builder(dataset, data_dir=tfds_data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"Unknown TFDS dataset {dataset!r}: {e}") from e
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except (OSError, ConnectionError) as e:  # requests' errors are OSErrors
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"TFDS could not download or prepare {dataset!r} into {builder.data_dir!r} "
+            f"({type(e).__name__}: {reason}). Without network access, pass --data-dir DIR "
+            "(an image folder) or --tfds-data-dir with a prepared copy."
+        ) from e
     tfds_split = _tfds_split(builder, split)
     # Plain names are checked here; slices and sums ("train[:90%]", "train+test") go to TFDS.
     if tfds_split.isidentifier() and tfds_split not in builder.info.splits:
@@ -393,8 +631,18 @@ def add_data_source_arguments(parser, *, required: bool = True) -> None:
     ``export.benchmark``).
     """
     source = parser.add_mutually_exclusive_group(required=required)
-    source.add_argument("--data-dir", help="image folder DIR/<class>/<image>")
+    source.add_argument(
+        "--data-dir",
+        help="image folder DIR/<class>/<image>, or a root with train/ and val/ (or validation/)",
+    )
     source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
+    parser.add_argument("--val-dir", default=None,
+                        help="a separate validation folder (class folders, or flat with "
+                        "--val-labels)")  # fmt: skip
+    parser.add_argument(
+        "--val-labels", default=None,
+        help="label file of a flat --val-dir: '<image> <class>' per line",
+    )  # fmt: skip
     parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir")
     parser.add_argument(
         "--validation-fraction", type=float, default=0.1,
@@ -412,6 +660,8 @@ def data_source_kwargs(args) -> dict:
         tfds_data_dir=args.tfds_data_dir,
         validation_fraction=args.validation_fraction,
         limit_per_class=args.limit_per_class,
+        val_dir=args.val_dir,
+        val_labels=args.val_labels,
     )
 
 
@@ -423,7 +673,11 @@ def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
     turns them into keyword arguments.
     """
     add_data_source_arguments(parser, required=True)
-    parser.add_argument("--split", default="validation", help="train | validation | all | TFDS")
+    parser.add_argument(
+        "--split", default=None,
+        help="train | validation | all | a TFDS split. Default: the whole image folder, its "
+        "validation folder (train/ + val/ root, --val-dir), or TFDS' validation (test) split",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
     parser.add_argument(
         "--crop-pct", type=float, default=1.0,
@@ -437,9 +691,13 @@ def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
 
 def evaluation_data_kwargs(args) -> dict:
     """:func:`load_dataset` keyword arguments from :func:`add_evaluation_data_arguments`."""
+    source = data_source_kwargs(args)
+    split = args.split or default_evaluation_split(
+        source["data_dir"], source["val_dir"], source["dataset"]
+    )
     return dict(
-        **data_source_kwargs(args),
-        split=args.split,
+        **source,
+        split=split,
         batch_size=args.batch_size,
         crop_pct=args.crop_pct,
         interpolation=args.interpolation,
@@ -462,11 +720,15 @@ def load_dataset(
     interpolation: str = "bilinear",
     cache: bool | None = None,
     drop_remainder: bool = False,
+    val_dir: str | None = None,
+    val_labels: str | None = None,
 ) -> tuple[tf.data.Dataset, list[str]]:
     """Batches of resized, not augmented images: ``(float32 (B, H, W, 3) in 0..255, int32 (B,))``.
 
     Args:
-        data_dir: an image folder ``DIR/<class>/<image>`` (exclusive with ``dataset``).
+        data_dir: an image folder ``DIR/<class>/<image>``, or a root with ``train/`` and
+            ``val/`` (exclusive with ``dataset``); ``val_dir`` and ``val_labels``: see
+            :func:`image_folder_split`.
         dataset: a TFDS dataset name, e.g. ``"cifar10"`` (exclusive with ``data_dir``).
         split: ``"train"``, ``"validation"`` or ``"all"`` for image folders; a TFDS split name
             for TFDS (``"validation"`` maps to ``"test"`` where there is no validation split).
@@ -516,6 +778,8 @@ def load_dataset(
         limit_per_class=limit_per_class,
         shuffle_files=shuffle,
         seed=seed,
+        val_dir=val_dir,
+        val_labels=val_labels,
     )
     ds = ds.map(
         lambda image, label: (resize_image(image, size, crop_pct, interpolation), label),

@@ -106,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     image_size = args.image_size or model.input_shape[1]
     if image_size is None:
         raise ValueError(f"{args.model!r} has no fixed input size: give --image-size.")
-    dataset, class_names = load_dataset(image_size=image_size, **evaluation_data_kwargs(args))
+    data = evaluation_data_kwargs(args)
+    dataset, class_names = load_dataset(image_size=image_size, **data)
     result = evaluate(model, dataset, class_names)
-    print(json.dumps({"model": args.model, "split": args.split, **result}))
+    print(json.dumps({"model": args.model, "split": data["split"], **result}))
     return 0
 
 

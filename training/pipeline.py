@@ -70,6 +70,8 @@ def make_train_dataset(config: TrainConfig) -> TrainData:
         limit_per_class=config.limit_per_class,
         shuffle_files=True,
         seed=config.seed,
+        val_dir=config.val_dir,
+        val_labels=config.val_labels,
     )
     if _should_cache(ds, num_examples, config.cache):
         ds = ds.cache()
@@ -126,6 +128,8 @@ def make_validation_dataset(
         crop_pct=config.crop_pct,
         interpolation=config.interpolation,
         cache=config.cache,
+        val_dir=config.val_dir,
+        val_labels=config.val_labels,
     )
     if num_classes is not None and len(class_names) != num_classes:
         raise ValueError(

@@ -47,26 +47,28 @@ import tensorflow as tf
 
 import convmixer_tf
 from convmixer_tf import files, saving
-from training import allocator, distribute, pipeline
+from training import allocator, distribute, pipeline, rundir
 from training.callbacks import (
-    METRICS_FILE,
     TrainingDivergedError,
     callback_classes,
     one_cycle_class,
 )
 from training.config import TrainConfig
+from training.rundir import (
+    BACKUP_DIR,
+    BEST_FILE,
+    CLASS_NAMES_FILE,
+    CONFIG_FILE,
+    LOG_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
 # Variables AdamW does not decay (regular expressions searched in variable names): BatchNorm's
 # scale and offset, and every bias.
 NO_WEIGHT_DECAY = ("gamma", "beta", "bias")
-MODEL_FILE = "model.keras"
-BEST_FILE = "best.keras"
-CONFIG_FILE = "config.json"
-CLASS_NAMES_FILE = "class_names.json"
-BACKUP_DIR = "backup"
-LOG_DIR = "logs"
 
 
 @dataclasses.dataclass
@@ -187,6 +189,18 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int):
     return model
 
 
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """``config`` as the run uses it (and ``config.json`` records it): ``keras_module``
+    resolved (``"auto"``), ``lr_max`` scaled to the batch (``lr_scaling``)."""
+    lr_max = distribute.scale_learning_rate(
+        config.lr_max,
+        config.batch_size,
+        config.base_batch_size or config.batch_size,
+        config.lr_scaling,
+    )
+    return dataclasses.replace(config, keras_module=resolve_keras_module(config), lr_max=lr_max)
+
+
 def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
     """Builds the strategy, input pipelines and compiled model of ``config``.
 
@@ -199,16 +213,10 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     """
     if config.keep_freed_memory:
         allocator.keep_freed_memory()
-    keras_module = resolve_keras_module(config)
+    config = resolve_config(config)
+    keras_module = config.keras_module
     if strategy is None:
         strategy = distribute.make_strategy(config)
-    lr_max = distribute.scale_learning_rate(
-        config.lr_max,
-        config.batch_size,
-        config.base_batch_size or config.batch_size,
-        config.lr_scaling,
-    )
-    config = dataclasses.replace(config, keras_module=keras_module, lr_max=lr_max)
     distribute.set_precision_policy(
         distribute.precision_policy(config.mixed_precision, strategy), keras_module
     )
@@ -270,12 +278,47 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
 def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     """Trains as ``config`` says and writes the outputs; returns ``metrics.json``'s content.
 
-    Rerunning with the same ``output_dir`` after an interruption resumes from the last epoch
-    backup. ``extra_callbacks`` are added after the project's own.
+    A run directory belongs to one run (:mod:`training.rundir`): the chief locks it; rerunning
+    the same config after an interruption resumes from the last backup; a config that trains
+    something else is refused before any file is touched; a finished run is left as it is (its
+    metrics are returned) unless ``config.overwrite``, which clears the run's outputs first.
+    ``extra_callbacks`` are added after the project's own.
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite (no final model is written).
+        ValueError: the directory is in use by another run, or the config differs from the
+            unfinished run's there.
     """
+    output_dir = config.output_dir
+    files.check_output_dir(output_dir)
+    state = rundir.run_state(output_dir)
+    if state == "finished" and not config.overwrite:
+        with open(os.path.join(output_dir, METRICS_FILE)) as f:
+            metrics = json.load(f)
+        logger.warning(
+            "The run in %s is finished (epoch %s): nothing to do. Add --overwrite to start a new "
+            "run there, or use another --output-dir.",
+            output_dir,
+            metrics.get("final", {}).get("epoch"),
+        )
+        return metrics
+    lock = rundir.RunLock(output_dir) if distribute.is_chief() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if config.overwrite:
+            if lock is not None:
+                removed = rundir.clear_outputs(output_dir)
+                logger.warning("--overwrite: removed %s from %s", removed, output_dir)
+        elif state == "unfinished":
+            rundir.check_resume(output_dir, resolve_config(config).to_dict())
+        return _train(config, extra_callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     training = build_training(config)
     config = training.config
     chief = distribute.is_chief(training.strategy)
