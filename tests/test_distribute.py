@@ -3,10 +3,12 @@
 import json
 import os
 import pathlib
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -310,46 +312,67 @@ def batches_seen(output: str) -> list[tuple[int, int]]:
     ]
 
 
+def final_weights(output: str) -> list:
+    (line,) = [li for li in output.splitlines() if li.startswith("WEIGHTS ")]
+    return [np.asarray(w) for w in json.loads(line.removeprefix("WEIGHTS "))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("keras_module, resumes_mid_epoch", [("tf_keras", True), ("keras", False)])
-def test_killed_run_resumes_from_backup(
-    cifar10_train_dir, tmp_path, keras_module, resumes_mid_epoch
-):
+@pytest.mark.parametrize("keras_module", ["keras", "tf_keras"])
+def test_run_killed_inside_an_epoch_resumes_exactly(cifar10_train_dir, tmp_path, keras_module):
+    """SIGKILL at a random step of epoch 2, rerun: the same final weights and metrics as an
+    uninterrupted run (CPU, op determinism, augmentation on)."""
+
+    def command(output_dir, delay):
+        return [
+            sys.executable, "-m", "train_worker", "--batch-delay", str(delay),
+            *tiny_train_args(cifar10_train_dir, output_dir),
+            "--epochs", "2", "--steps-per-epoch", "6", "--backup-freq", "2",
+            "--keras-module", keras_module, "--strategy", "default", "--deterministic",
+            "--hflip", "--randaugment-ops", "2", "--scale", "0.5,1",
+        ]  # fmt: skip
+
+    reference = subprocess.run(
+        command(tmp_path / "reference", 0), env=worker_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "train_worker", "--batch-delay", "0.25",
-        *tiny_train_args(cifar10_train_dir, output_dir),
-        "--epochs", "2", "--steps-per-epoch", "6", "--backup-freq", "2",
-        "--keras-module", keras_module, "--strategy", "default",
-    ]  # fmt: skip
+    kill_at = f"BATCH 1 {random.Random().randint(3, 5)}"  # inside epoch 2, after a backup
     first = subprocess.Popen(
-        command, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+        command(output_dir, 0.25), env=worker_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
     try:
-        for line in first.stdout:  # kill -9 in epoch 2, after its backups at batches 2 and 4
-            if line.strip() == "BATCH 1 3":
+        for line in first.stdout:
+            if line.strip() == kill_at:
                 first.kill()
                 break
     finally:
         first.kill()
         first.wait(timeout=60)
     assert first.returncode == -9, "the first run ended before it could be killed"
-    assert not (output_dir / "model.keras").exists()
-    assert (output_dir / "backup").is_dir()
+    pointer = json.loads((output_dir / "backup" / "latest.json").read_text())
+    assert pointer["mid_epoch"] and 6 < pointer["step"] < 12, pointer
 
-    second = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        command(output_dir, 0), env=worker_env(), capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed = batches_seen(second.stdout)
-    assert resumed[0][0] == 1  # epoch 1 (the first) was not trained again
-    if resumes_mid_epoch:
-        assert 0 < resumed[0][1] < 6  # tf_keras: from the batch after the last backup
-    else:
-        assert resumed[0][1] == 0  # Keras 3: the interrupted epoch starts again
-    assert resumed[-1] == (1, 5)
-    assert (output_dir / "model.keras").is_file()
+    assert f"Resuming at step {pointer['step']}" in second.stderr
+    assert len(batches_seen(second.stdout)) == 12 - pointer["step"]  # no batch trained twice
+    for resumed, uninterrupted in zip(
+        final_weights(second.stdout), final_weights(reference.stdout), strict=True
+    ):
+        np.testing.assert_array_equal(resumed, uninterrupted)
+    history = json.loads((output_dir / "metrics.json").read_text())["history"]
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())["history"]
+    for got, want in zip(history, expected, strict=True):
+        assert got["epoch"] == want["epoch"]
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+        np.testing.assert_allclose(got["accuracy"], want["accuracy"], rtol=1e-6)
     assert not (output_dir / "backup").exists()  # removed once the run finished
-    metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert metrics["final"]["epoch"] == 2
 
 
 def test_data_sharding_requires_ordered_pipeline():

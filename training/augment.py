@@ -47,17 +47,19 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     interpolation: str = "bilinear",
+    seed: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """torchvision's RandomResizedCrop: a random box of ``scale`` x area and ``ratio``, resized.
 
     Falls back to the whole image when no box fits in 10 attempts. Returns float32 in 0..255.
+    With ``seed`` (a shape-(2,) integer tensor) the box is a function of the seed alone
+    (stateless); without, TensorFlow's stateful sampler draws it.
 
     Example:
         >>> random_resized_crop(tf.zeros([40, 50, 3], tf.uint8), (32, 32)).shape
         TensorShape([32, 32, 3])
     """
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image),
+    sampler = dict(
         bounding_boxes=tf.zeros([1, 0, 4]),
         min_object_covered=0.0,
         aspect_ratio_range=ratio,
@@ -65,6 +67,12 @@ def random_resized_crop(
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
+    if seed is None:
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(tf.shape(image), **sampler)
+    else:
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), seed=seed, **sampler
+        )
     image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, 3])
     image = tf.image.resize(image, size, method=interpolation, antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)
@@ -121,10 +129,55 @@ def rand_augment(
     return layer
 
 
+class StepSeeds(keras.random.SeedGenerator):
+    """A SeedGenerator whose draws are a function of a seed tensor bound per call.
+
+    Keras' augmentation layers draw from their ``SeedGenerator``, whose state advances with
+    every draw: an iterator's history decides a batch's augmentation. Bound to a batch's seed
+    (``bind``), this generator hands the i-th draw of the traced function the seed
+    ``(seed[0], seed[1] * 1024 + i)``: the augmentation of a batch depends on its seed alone,
+    in parallel ``tf.data`` maps too.
+    """
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self._seed = None
+        self._draws = 0
+
+    def bind(self, seed: tf.Tensor | None) -> None:
+        """Draws from ``seed`` from now on (None: the stateful generator again)."""
+        self._seed = None if seed is None else tf.cast(seed, tf.int64)
+        self._draws = 0
+
+    def next(self, ordered: bool = True):
+        if self._seed is None:
+            return super().next(ordered=ordered)
+        self._draws += 1
+        return tf.stack([self._seed[0], self._seed[1] * 1024 + self._draws])
+
+
+def _generator_owners(layer):
+    """(object, attribute) of every SeedGenerator in ``layer`` and its sub-layers."""
+    seen, stack, found = set(), [layer], []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for name, value in vars(obj).items():
+            if isinstance(value, keras.random.SeedGenerator):
+                found.append((obj, name))
+            elif isinstance(value, keras.layers.Layer):
+                stack.append(value)
+    return found
+
+
 class BatchAugmenter:
     """The per-batch Keras augmentation layers of a config, built once, applied in ``tf.data``.
 
-    Call it on ``(images float32 (B, H, W, 3) in 0..255, one-hot labels (B, C))``.
+    Call it on ``(images float32 (B, H, W, 3) in 0..255, one-hot labels (B, C))``, with
+    ``seed`` (a shape-(2,) integer tensor) for an augmentation that is a function of the seed
+    (:class:`StepSeeds`: what the training pipeline does, for exact resume).
 
     Example:
         >>> augment = BatchAugmenter(TrainConfig(mixup_alpha=0.2))
@@ -176,7 +229,15 @@ class BatchAugmenter:
             else None
         )
 
-    def __call__(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.seeds = StepSeeds()
+        for layer in [*self.layers, self.mixup, self.cutmix]:
+            for owner, name in _generator_owners(layer) if layer is not None else ():
+                object.__setattr__(owner, name, self.seeds)
+
+    def __call__(
+        self, images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        self.seeds.bind(seed)
         for layer in self.layers:
             images = layer(images, training=True)
         images = tf.clip_by_value(images, 0.0, 255.0)
@@ -184,8 +245,13 @@ class BatchAugmenter:
             return images, labels
         batch = {"images": images, "labels": labels}
         if self.mixup is not None and self.cutmix is not None:
+            coin = (
+                tf.random.uniform([])
+                if seed is None
+                else tf.random.stateless_uniform([], seed=self.seeds.next())
+            )
             out = tf.cond(
-                tf.random.uniform([]) < 0.5,
+                coin < 0.5,
                 lambda: self.mixup(batch, training=True),
                 lambda: self.cutmix(batch, training=True),
             )

@@ -30,8 +30,6 @@ from training.rundir import CURVES_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-BACKUP_POINTER = "latest.json"
-
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a final model."""
@@ -209,44 +207,8 @@ def callback_classes(keras):
                 logger.error(self.message)
                 self.model.stop_training = True
 
-    class AtomicBackupAndRestore(keras.callbacks.Callback):
-        """Keras 3's BackupAndRestore, but crash-safe: each epoch's state (weights with the
-        optimizer) goes to a new file, then a small pointer file is replaced atomically, so a
-        kill -9 at any moment leaves the previous complete backup in place."""
-
-        def __init__(self, backup_dir: str):
-            super().__init__()
-            self.backup_dir = backup_dir
-            self.pointer = os.path.join(backup_dir, BACKUP_POINTER)
-
-        def on_train_begin(self, logs=None):
-            if not os.path.exists(self.pointer):
-                return
-            with open(self.pointer) as f:
-                state = json.load(f)
-            weights = os.path.join(self.backup_dir, state["weights"])
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(weights)
-            # What Keras 3's own BackupAndRestore sets: fit() starts from this epoch.
-            self.model._initial_epoch = state["epoch"]
-            logger.warning(
-                "Resuming from the backup of epoch %d in %s", state["epoch"], self.backup_dir
-            )
-
-        def on_epoch_end(self, epoch, logs=None):
-            os.makedirs(self.backup_dir, exist_ok=True)
-            name = f"epoch_{epoch + 1:04d}.weights.h5"
-            with files.replacing(os.path.join(self.backup_dir, name)) as tmp:
-                self.model.save_weights(tmp, overwrite=True)
-            files.write_atomic(self.pointer, json.dumps({"epoch": epoch + 1, "weights": name}))
-            for old in os.listdir(self.backup_dir):  # keep only the current backup
-                if old.endswith(".weights.h5") and old != name and not old.startswith(".tmp"):
-                    os.remove(os.path.join(self.backup_dir, old))
-
     return types.SimpleNamespace(
         MetricsLogger=MetricsLogger,
         BestCheckpoint=BestCheckpoint,
         StopOnNaN=StopOnNaN,
-        AtomicBackupAndRestore=AtomicBackupAndRestore,
     )

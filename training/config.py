@@ -108,9 +108,12 @@ class TrainConfig:
     tpu: str | None = None
     sync_bn: bool = False
     shard_policy: str = "auto"
-    # Fault tolerance: back up every this many batches (tf_keras only: it resumes mid-epoch);
-    # None backs up at the end of every epoch (Keras 3 always does, and restarts the epoch).
+    # Fault tolerance: back up the whole training state every this many steps (and at every
+    # epoch's end); None: 50 times per epoch (training.resume.default_backup_freq). A rerun
+    # resumes exactly at the step after the last backup.
     backup_freq: int | None = None
+    # TensorFlow's op determinism: bit-identical reruns (and resumed runs) on the same machine.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         check(self)
@@ -152,7 +155,7 @@ def check(config: TrainConfig) -> None:
     _choice("activation", config.activation, (None, *constants.ACTIVATIONS))
     if config.backup_freq is not None and config.backup_freq < 1:
         raise ValueError(
-            f"`backup_freq` must be a positive number of batches or None (every epoch). "
+            f"`backup_freq` must be a positive number of steps or None (the default). "
             f"Received: backup_freq={config.backup_freq}"
         )
     for name in ("epochs", "batch_size", "image_size"):
@@ -187,9 +190,7 @@ def check(config: TrainConfig) -> None:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
     if not 0.0 <= config.label_smoothing < 1.0:
-        raise ValueError(
-            f"`label_smoothing` must be in [0, 1). Received: {config.label_smoothing}"
-        )
+        raise ValueError(f"`label_smoothing` must be in [0, 1). Received: {config.label_smoothing}")
     lo, hi = config.scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(

@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import typing
 
+import numpy as np
 import tensorflow as tf
 
 from training import data
@@ -27,16 +29,12 @@ from training.augment import BatchAugmenter, random_resized_crop
 from training.config import TrainConfig
 from training.data import AUTOTUNE, MAX_SHUFFLE_BUFFER
 
+logger = logging.getLogger(__name__)
 
-def _should_cache(ds: tf.data.Dataset, num_examples: int | None, cache: bool | None) -> bool:
-    """``cache`` if given; otherwise whether the decoded split fits the memory budget."""
-    if cache is not None:
-        return cache
-    if num_examples is None:
-        return False
-    first_image, _ = next(iter(ds.take(1)))
-    estimate = num_examples * int(tf.size(first_image))
-    return estimate <= data.DEFAULT_CACHE_LIMIT_BYTES
+
+# In-memory training sources are embedded in the input graph: keep them well below protobuf's
+# 2 GiB graph limit. Larger image folders are decoded from their files every epoch.
+MAX_IN_MEMORY_BYTES = 1 << 30
 
 
 class TrainData(typing.NamedTuple):
@@ -46,35 +44,167 @@ class TrainData(typing.NamedTuple):
     class_names: list[str]
     steps_per_epoch: int
     skipped: tuple[str, ...]  # unreadable image files that were skipped
+    exact_resume: bool = True  # the stream is a function of (seed, step): see the module doc
+    source: IndexedSource | None = None  # reuse it for the same split from another step
 
 
-def make_train_dataset(config: TrainConfig) -> TrainData:
-    """The augmented, shuffled, repeated training pipeline of ``config``.
+class IndexedSource(typing.NamedTuple):
+    """Random access to the training examples: ``load(index) -> (uint8 image, int32 label)``."""
+
+    load: typing.Callable
+    num_examples: int
+    class_names: list[str]
+    skipped: tuple[str, ...]
+
+
+def _materialize(ds: tf.data.Dataset, num_examples: int | None, cache: bool | None):
+    """``(images (N, H, W, 3) uint8, labels (N,))`` in memory, or None when the decoded split
+    does not fit :data:`MAX_IN_MEMORY_BYTES`, has images of different sizes, or caching is off."""
+    if cache is False or num_examples is None:
+        return None
+    first, _ = next(iter(ds.take(1)))
+    if num_examples * int(tf.size(first)) > min(
+        MAX_IN_MEMORY_BYTES, data.DEFAULT_CACHE_LIMIT_BYTES
+    ):
+        return None
+    shape = tuple(first.shape)
+    images, labels = [], []
+    for image, label in ds.batch(1024, drop_remainder=False).as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+    if not images:
+        return None
+    try:
+        return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+    except ValueError:  # images of different sizes: batching above failed
+        logger.info("Images of different sizes (first %s): decoding from files", shape)
+        return None
+
+
+def indexed_source(config: TrainConfig) -> IndexedSource | None:
+    """The training split of ``config`` with random access by example index, or None for a
+    TFDS split too large to hold in memory (no random access to it)."""
+    common = dict(
+        split=config.train_split, validation_fraction=config.validation_fraction,
+        limit_per_class=config.limit_per_class,
+    )  # fmt: skip
+    if config.data_dir is not None:
+        folder = data.image_folder_split(
+            config.data_dir, val_dir=config.val_dir, val_labels=config.val_labels, **common
+        )
+        paths = tf.constant(folder.paths)
+        labels = tf.constant(np.asarray(folder.labels, np.int32))
+        decoded = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            lambda path, label: (data.decode_image_file(path), label),
+            num_parallel_calls=AUTOTUNE, deterministic=True,
+        )  # fmt: skip
+        in_memory = _materialize(decoded, len(folder.paths), config.cache)
+        if in_memory is None:
+
+            def load(index):
+                return data.decode_image_file(tf.gather(paths, index)), tf.gather(labels, index)
+
+            return IndexedSource(load, len(folder.paths), list(folder.class_names), folder.skipped)
+        return _in_memory_source(*in_memory, list(folder.class_names), folder.skipped)
+    decoded = data.decoded_dataset(
+        dataset=config.dataset, tfds_data_dir=config.tfds_data_dir, seed=config.seed, **common
+    )
+    in_memory = _materialize(decoded.dataset, decoded.num_examples, config.cache)
+    if in_memory is None:
+        return None
+    return _in_memory_source(*in_memory, decoded.class_names, ())
+
+
+def _in_memory_source(images, labels, class_names, skipped) -> IndexedSource:
+    images, labels = tf.constant(images), tf.constant(labels)
+
+    def load(index):
+        return tf.gather(images, index), tf.gather(labels, index)
+
+    return IndexedSource(load, int(images.shape[0]), class_names, tuple(skipped))
+
+
+def epoch_order(seed: int, epoch: tf.Tensor, num_examples: int, length: int) -> tf.Tensor:
+    """The example indices of ``epoch``: ``length`` indices from seeded permutations of the
+    split (one permutation per pass when an epoch is longer than the split). A function of
+    (seed, epoch) alone: a resumed run reads the same order."""
+    passes = -(-length // num_examples)
+    orders = [
+        tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples, dtype=tf.int64),
+            seed=tf.stack([tf.constant(seed, tf.int64), epoch * 1024 + k]),
+        )
+        for k in range(passes)
+    ]
+    return tf.concat(orders, 0)[:length]
+
+
+def make_train_dataset(
+    config: TrainConfig, start_step: int = 0, source: IndexedSource | None = None
+) -> TrainData:
+    """The augmented, shuffled, repeated training pipeline of ``config``, from ``start_step``.
 
     Yields ``(float32 images (B, S, S, 3) in 0..255, float32 one-hot labels (B, C))`` with
     ``B = config.batch_size`` (the global batch; full batches only) and ``S = image_size``.
+
+    The stream is a function of the seed and the global step, not of an iterator's state: epoch
+    ``e`` reads the examples in the order :func:`epoch_order` gives for ``(seed, e)``; example
+    ``p`` of the whole stream is cropped with the seed ``(seed, p)`` and batch ``g`` augmented
+    with ``(seed, g)`` (stateless random ops). ``start_step`` skips the first ``start_step``
+    batches as example indices, before anything is decoded: a run resumed at step ``g`` reads
+    exactly what an uninterrupted run reads from step ``g`` on.
 
     Returns:
         A :class:`TrainData`: the dataset repeats forever; ``steps_per_epoch`` is
         ``config.steps_per_epoch`` or one pass over the split (full batches).
 
+    ``source`` (an earlier result's) saves reading the split again.
+
     Raises:
         ValueError: the split has fewer images than one batch.
     """
-    ds, class_names, num_examples, skipped = data.decoded_dataset(
-        data_dir=config.data_dir,
-        dataset=config.dataset,
-        split=config.train_split,
-        tfds_data_dir=config.tfds_data_dir,
-        validation_fraction=config.validation_fraction,
-        limit_per_class=config.limit_per_class,
-        shuffle_files=True,
-        seed=config.seed,
-        val_dir=config.val_dir,
-        val_labels=config.val_labels,
+    source = source or indexed_source(config)
+    if source is None:
+        return _streaming_train_dataset(config)
+    batch = config.batch_size
+    steps = _steps_per_epoch(config, source.num_examples)
+    epoch_length = steps * batch
+    seed = config.seed
+    size = (config.image_size, config.image_size)
+    num_classes = len(source.class_names)
+    first_epoch, skip = divmod(start_step, steps)
+
+    def epoch_indices(epoch):
+        return tf.data.Dataset.from_tensor_slices(
+            epoch_order(seed, epoch, source.num_examples, epoch_length)
+        )
+
+    ds = tf.data.Dataset.range(first_epoch, 1 << 31).flat_map(epoch_indices)
+    ds = ds.enumerate(start=first_epoch * epoch_length).skip(skip * batch)
+
+    def load_and_crop(position, index):
+        image, label = source.load(index)
+        crop_seed = tf.stack([tf.constant(seed, tf.int64), position])
+        image = random_resized_crop(
+            image, size, config.scale, config.ratio, config.interpolation, seed=crop_seed
+        )
+        return image, tf.one_hot(label, num_classes, dtype=tf.float32), position
+
+    ds = ds.map(load_and_crop, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+    augment = BatchAugmenter(config)
+
+    def augment_batch(images, labels, positions):
+        step_seed = tf.stack([tf.constant(seed + 1, tf.int64), positions[0] // batch])
+        return augment(images, labels, seed=step_seed)
+
+    ds = ds.map(augment_batch, num_parallel_calls=AUTOTUNE)
+    return TrainData(
+        ds.prefetch(AUTOTUNE), source.class_names, steps, source.skipped, source=source
     )
-    if _should_cache(ds, num_examples, config.cache):
-        ds = ds.cache()
+
+
+def _steps_per_epoch(config: TrainConfig, num_examples: int | None) -> int:
     steps = config.steps_per_epoch
     if steps is None:
         if num_examples is None:
@@ -88,6 +218,22 @@ def make_train_dataset(config: TrainConfig) -> TrainData:
             f"The training split has {num_examples} images, fewer than one batch of "
             f"{config.batch_size}: lower `batch_size`."
         )
+    return steps
+
+
+def _streaming_train_dataset(config: TrainConfig) -> TrainData:
+    """A TFDS split too large for memory: streamed through a shuffle buffer. Its order depends
+    on the iterator's state, so a resumed run reads other batches than an uninterrupted one."""
+    logger.warning(
+        "%s is streamed through a shuffle buffer: a resumed run continues at the right step but "
+        "not with the same images. Exact resume needs an image folder (--data-dir).",
+        config.dataset,
+    )
+    ds, class_names, num_examples, skipped = data.decoded_dataset(
+        dataset=config.dataset, split=config.train_split, tfds_data_dir=config.tfds_data_dir,
+        limit_per_class=config.limit_per_class, shuffle_files=True, seed=config.seed,
+    )  # fmt: skip
+    steps = _steps_per_epoch(config, num_examples)
     size = (config.image_size, config.image_size)
     num_classes = len(class_names)
     buffer = min(num_examples or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
@@ -99,12 +245,9 @@ def make_train_dataset(config: TrainConfig) -> TrainData:
 
     ds = ds.map(crop, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(config.batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
-    ds = ds.map(BatchAugmenter(config), num_parallel_calls=AUTOTUNE)
-    # Out-of-order maps are faster; the maps read this option (no per-map `deterministic`) so
-    # that multi-worker DATA sharding can require order (training.distribute.with_shard_policy).
-    options = tf.data.Options()
-    options.deterministic = False
-    return TrainData(ds.with_options(options).prefetch(AUTOTUNE), class_names, steps, skipped)
+    augment = BatchAugmenter(config)
+    ds = ds.map(lambda images, labels: augment(images, labels), num_parallel_calls=AUTOTUNE)
+    return TrainData(ds.prefetch(AUTOTUNE), class_names, steps, skipped, exact_resume=False)
 
 
 def make_validation_dataset(

@@ -58,7 +58,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "description", "recipe", "verbose", "output_dir", "keep_freed_memory", "cache",
         "backup_freq", "jit_compile", "strategy", "cpu_replicas", "tpu", "shard_policy",
-        "overwrite",
+        "overwrite", "deterministic",
     }
 )  # fmt: skip
 

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import tensorflow as tf
 
 import convmixer_tf
 from convmixer_tf import files, saving
-from training import allocator, distribute, pipeline, rundir
+from training import allocator, distribute, pipeline, resume, rundir
 from training.callbacks import (
     TrainingDivergedError,
     callback_classes,
@@ -96,6 +97,7 @@ class Training:
     class_names: list[str]
     steps_per_epoch: int
     skipped: tuple[str, ...] = ()
+    train_dataset_from: Any = None  # step -> the training pipeline from that global step
 
 
 def keras_of(model) -> Any:
@@ -201,10 +203,15 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, keras_module=resolve_keras_module(config), lr_max=lr_max)
 
 
-def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
+def build_training(
+    config: TrainConfig, strategy: tf.distribute.Strategy | None = None, start_step: int = 0
+) -> Training:
     """Builds the strategy, input pipelines and compiled model of ``config``.
 
-    ``strategy`` defaults to ``training.distribute.make_strategy(config)``.
+    ``strategy`` defaults to ``training.distribute.make_strategy(config)``. The training
+    pipeline starts at global step ``start_step`` (a resumed run); the model's initial weights
+    are drawn from ``config.seed``, and ``config.deterministic`` turns on TensorFlow's op
+    determinism.
 
     Example:
         >>> t = build_training(TrainConfig(data_dir="../shared/data/cifar10/train",
@@ -220,36 +227,37 @@ def build_training(config: TrainConfig, strategy: tf.distribute.Strategy | None 
     distribute.set_precision_policy(
         distribute.precision_policy(config.mixed_precision, strategy), keras_module
     )
-    train_ds, class_names, steps, skipped = pipeline.make_train_dataset(config)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    train_data = pipeline.make_train_dataset(config, start_step)
+    class_names, steps, skipped = (
+        train_data.class_names, train_data.steps_per_epoch, train_data.skipped
+    )  # fmt: skip
     shard_policy = distribute.resolve_shard_policy(
         config.shard_policy, image_folder=config.data_dir is not None
     )
     if distribute.needs_static_shapes(strategy):
-        distribute.check_static_shapes(train_ds)
+        distribute.check_static_shapes(train_data.dataset)
     workers = distribute.num_workers(strategy)
-    train_ds = distribute.with_shard_policy(train_ds, shard_policy, workers)
+    train_ds = distribute.with_shard_policy(train_data.dataset, shard_policy, workers)
+
+    def train_dataset_from(step: int) -> tf.data.Dataset:
+        again = pipeline.make_train_dataset(config, step, source=train_data.source)
+        return distribute.with_shard_policy(again.dataset, shard_policy, workers)
+
     val_ds = None
     if config.val_split:
         val_ds, _ = pipeline.make_validation_dataset(config, len(class_names))
         val_ds = distribute.with_shard_policy(val_ds, shard_policy, workers)
+    keras = importlib.import_module(keras_module)
+    keras.utils.set_random_seed(config.seed)  # the same initial weights in every run
     with strategy.scope():
         model = build_model(config, len(class_names), keras_module)
         compile_model(model, config, steps)
-    keras = keras_of(model)
-    return Training(config, strategy, keras, model, train_ds, val_ds, class_names, steps, skipped)
-
-
-def _backup_callback(keras, backup_dir: str, backup_freq: int | None = None):
-    """The resume callback: tf_keras' (TF checkpoints, chief/worker aware) or our atomic one.
-
-    tf_keras backs up every ``backup_freq`` batches (None: every epoch) and resumes mid-epoch;
-    the Keras 3 callback backs up every epoch and restarts an interrupted epoch.
-    """
-    if keras.__name__ == "tf_keras":
-        return keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_freq or "epoch")
-    if backup_freq is not None:
-        logger.warning("backup_freq applies to tf_keras only; Keras 3 backs up every epoch.")
-    return callback_classes(keras).AtomicBackupAndRestore(backup_dir)
+    return Training(
+        config, strategy, keras, model, train_ds, val_ds, class_names, steps, skipped,
+        train_dataset_from,
+    )  # fmt: skip
 
 
 def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
@@ -257,8 +265,16 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
     keras, output_dir = training.keras, training.config.output_dir
     classes = callback_classes(keras)
     stop_on_nan = classes.StopOnNaN()
-    backup = _backup_callback(
-        keras, os.path.join(output_dir, BACKUP_DIR), training.config.backup_freq
+    step_backup, _ = resume.callback_classes(keras)
+    steps = training.steps_per_epoch
+    backup = step_backup(
+        os.path.join(output_dir, BACKUP_DIR),
+        steps,
+        training.config.backup_freq or resume.default_backup_freq(steps),
+        chief,
+        bound_time=(
+            training.config.backup_freq is None and distribute.num_workers(training.strategy) == 1
+        ),
     )
     # Order matters for a kill at any moment: the epoch's metrics and best checkpoint are
     # written before its backup, so a resumed run never lacks an epoch it will not redo.
@@ -273,6 +289,25 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
         ]
     callbacks.append(backup)
     return callbacks, stop_on_nan
+
+
+def _fit_phases(training: Training, step: int, metric_state: list) -> list[tuple]:
+    """``(initial_epoch, epochs, steps_per_epoch, dataset, extra callbacks)`` of the ``fit``
+    calls that train from global ``step`` on: the rest of an interrupted epoch (its metric
+    accumulators restored), then the remaining epochs."""
+    steps, epochs = training.steps_per_epoch, training.config.epochs
+    epoch, done = divmod(step, steps)
+    phases = []
+    if done and epoch < epochs:
+        _, resume_metrics = resume.callback_classes(training.keras)
+        phases.append(
+            (epoch, epoch + 1, steps - done, training.train_ds, [resume_metrics(metric_state)])
+        )
+        epoch += 1
+    if epoch < epochs:
+        dataset = training.train_ds if not phases else training.train_dataset_from(epoch * steps)
+        phases.append((epoch, epochs, steps, dataset, []))
+    return phases
 
 
 def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
@@ -319,7 +354,9 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
 
 
 def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
-    training = build_training(config)
+    backup_dir = os.path.join(config.output_dir, BACKUP_DIR)
+    pointer = resume.read_pointer(backup_dir)
+    training = build_training(config, start_step=pointer["step"] if pointer else 0)
     config = training.config
     chief = distribute.is_chief(training.strategy)
     output_dir = config.output_dir
@@ -330,18 +367,32 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
             os.path.join(output_dir, CLASS_NAMES_FILE), json.dumps(training.class_names) + "\n"
         )
     callbacks, stop_on_nan = make_callbacks(training, chief)
+    step, metric_state = 0, []
+    if pointer is not None:
+        step, metric_state = resume.restore_state(training.model, backup_dir, training.strategy)
+        logger.warning(
+            "Resuming at step %d (epoch %d, batch %d) from the backup in %s",
+            step, step // training.steps_per_epoch + 1, step % training.steps_per_epoch,
+            backup_dir,
+        )  # fmt: skip
     with warnings.catch_warnings():
         # Keras 3 warns at the end of every (finite) validation pass; the training set repeats.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        training.model.fit(
-            training.train_ds,
-            epochs=config.epochs,
-            steps_per_epoch=training.steps_per_epoch,
-            validation_data=training.val_ds,
-            callbacks=callbacks + list(extra_callbacks or []),
-            verbose=config.verbose,
-            shuffle=False,  # the pipeline shuffles
-        )
+        for first_epoch, end_epoch, steps, dataset, extra in _fit_phases(
+            training, step, metric_state
+        ):
+            training.model.fit(
+                dataset,
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps,
+                validation_data=training.val_ds,
+                callbacks=callbacks + extra + list(extra_callbacks or []),
+                verbose=config.verbose,
+                shuffle=False,  # the pipeline shuffles
+            )
+            if stop_on_nan.message is not None:
+                break
     if stop_on_nan.message is not None:
         raise TrainingDivergedError(stop_on_nan.message)
     # Every worker saves (non-chiefs into a temporary folder they delete, as in TF's
