@@ -28,6 +28,7 @@ import numpy as np
 
 import convmixer_tf
 from benchmarks import REPO_ROOT
+from benchmarks.models import with_batch_norm_statistics
 from convmixer_tf import presets
 from export import tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
@@ -46,19 +47,6 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
-
-
-def with_batch_norm_statistics(model, seed: int = 0):
-    """Non-trivial BatchNorm statistics (a trained model's BNs are not identities)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.name.endswith("_bn"):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights(
-                [rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                 rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)]
-            )  # fmt: skip
-    return model
 
 
 def torch_state(model, depth: int) -> dict[str, np.ndarray]:

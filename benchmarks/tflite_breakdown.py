@@ -22,6 +22,7 @@ import json
 import numpy as np
 
 import convmixer_tf
+from benchmarks.models import with_batch_norm_statistics
 from export import tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
 from training.measure import forward_macs
@@ -38,19 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="invocations per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurements")
     return parser.parse_args(argv)
-
-
-def with_batch_norm_statistics(model, seed: int = 0):
-    """Non-trivial BatchNorm statistics (a trained model's BNs are not identities)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.name.endswith("_bn"):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights(
-                [rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                 rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)]
-            )  # fmt: skip
-    return model
 
 
 def convs_only(args):
