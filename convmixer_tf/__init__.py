@@ -25,6 +25,7 @@ _PUBLIC = {
     "load_model": "convmixer_tf.saving",
     "model_arguments": "convmixer_tf.saving",
     "rebuild": "convmixer_tf.saving",
+    "save_model": "convmixer_tf.saving",
 }
 
 __all__ = sorted(_PUBLIC)
