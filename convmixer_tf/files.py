@@ -31,7 +31,8 @@ import socket
 from collections.abc import Iterator
 
 TEMP_PREFIX = ".tmp~"
-_TEMP_NAME = re.compile(r"\.tmp~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+~.+")
+OLD_SUFFIX = ".old"  # a folder moved aside while its replacement is renamed into place
+_TEMP_NAME = re.compile(r"\.tmp~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+~(?P<name>.+)")
 
 
 def _host() -> str:
@@ -52,7 +53,9 @@ def process_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Removes the temporary files that dead writers on this host left in ``folder``.
 
-    Returns the removed paths. Temporaries of live processes and of other hosts are kept.
+    Returns the removed paths. Temporaries of live processes and of other hosts are kept. A
+    folder a dead writer had moved aside (``....old``) is put back where it was if
+    nothing replaced it, so that nothing is lost.
     """
     removed = []
     host = _host()
@@ -65,6 +68,11 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
         if not match or match["host"] != host or process_alive(int(match["pid"])):
             continue
         path = os.path.join(folder, name)
+        if name.endswith(OLD_SUFFIX):
+            target = os.path.join(folder, match["name"][: -len(OLD_SUFFIX)])
+            if not os.path.lexists(target):
+                os.replace(path, target)
+                continue
         with contextlib.suppress(FileNotFoundError):
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -109,11 +117,7 @@ def check_writable(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"Output {path!r} is a directory; give a file name.")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise ValueError(f"Cannot write {path!r}: {parent!r} is a file, not a directory.")
+    check_output_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
 
@@ -146,9 +150,12 @@ def replacing(path: str | os.PathLike, *, folder: bool = False) -> Iterator[str]
         >>> with files.replacing("out/model.keras") as tmp:  # doctest: +SKIP
         ...     model.save(tmp)
     """
-    path = os.path.normpath(os.fspath(path)) if folder else check_writable(path)
+    if folder:
+        path = os.path.normpath(os.fspath(path))
+        check_output_dir(os.path.dirname(os.path.abspath(path)))
+    else:
+        path = check_writable(path)
     parent = os.path.dirname(os.path.abspath(path))
-    check_output_dir(parent)
     os.makedirs(parent, exist_ok=True)
     remove_stale_temporaries(parent)
     name = f"{TEMP_PREFIX}{_host()}~{os.getpid()}~{secrets.token_hex(4)}~{os.path.basename(path)}"
@@ -159,8 +166,10 @@ def replacing(path: str | os.PathLike, *, folder: bool = False) -> Iterator[str]
             raise RuntimeError(f"Nothing was written to the temporary file for {path!r}.")
         _fsync_tree(tmp)
         if os.path.isdir(tmp) and os.path.isdir(path):
-            # A folder (SavedModel) cannot replace a folder atomically: move the old one aside.
-            old = f"{tmp}.old"
+            # A folder (SavedModel) cannot replace a folder atomically: move the old one aside
+            # (a writer killed between the two renames leaves it, and the next write into the
+            # folder puts it back: remove_stale_temporaries).
+            old = f"{tmp}{OLD_SUFFIX}"
             os.replace(path, old)
             os.replace(tmp, path)
             _remove(old)

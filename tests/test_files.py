@@ -72,3 +72,18 @@ def test_writing_onto_a_directory_or_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         files.write_atomic(tmp_path / "file" / "model.tflite", b"x")
+
+
+def test_a_folder_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
+    """Killed between the two renames of a folder replacement: the old folder comes back."""
+    import socket
+
+    host = socket.gethostname().replace("~", "_")
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # a pid that no longer exists
+    moved = tmp_path / f"{files.TEMP_PREFIX}{host}~{process.pid}~abcd0123~served{files.OLD_SUFFIX}"
+    moved.mkdir()
+    (moved / "saved_model.pb").write_text("the previous SavedModel")
+    files.write_atomic(tmp_path / "other.txt", "x")  # any later write into the folder
+    assert (tmp_path / "served" / "saved_model.pb").read_text() == "the previous SavedModel"
+    assert sorted(os.listdir(tmp_path)) == ["other.txt", "served"]
