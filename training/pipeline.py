@@ -44,7 +44,6 @@ class TrainData(typing.NamedTuple):
     class_names: list[str]
     steps_per_epoch: int
     skipped: tuple[str, ...]  # unreadable image files that were skipped
-    exact_resume: bool = True  # the stream is a function of (seed, step): see the module doc
     source: IndexedSource | None = None  # reuse it for the same split from another step
 
 
@@ -58,27 +57,25 @@ class IndexedSource(typing.NamedTuple):
 
 
 def _materialize(ds: tf.data.Dataset, num_examples: int | None, cache: bool | None):
-    """``(images (N, H, W, 3) uint8, labels (N,))`` in memory, or None when the decoded split
-    does not fit :data:`MAX_IN_MEMORY_BYTES`, has images of different sizes, or caching is off."""
+    """``(images (N, H, W, 3) uint8, labels (N,))`` in memory, or None when caching is off, the
+    decoded split does not fit :data:`MAX_IN_MEMORY_BYTES`, or its images differ in size."""
     if cache is False or num_examples is None:
         return None
     first, _ = next(iter(ds.take(1)))
-    if num_examples * int(tf.size(first)) > min(
-        MAX_IN_MEMORY_BYTES, data.DEFAULT_CACHE_LIMIT_BYTES
-    ):
+    budget = min(MAX_IN_MEMORY_BYTES, data.DEFAULT_CACHE_LIMIT_BYTES)
+    if num_examples * int(tf.size(first)) > budget:
         return None
     shape = tuple(first.shape)
     images, labels = [], []
-    for image, label in ds.batch(1024, drop_remainder=False).as_numpy_iterator():
+    for image, label in ds.as_numpy_iterator():
+        if image.shape != shape:
+            logger.info(
+                "Images of different sizes (%s, %s): decoding from files", shape, image.shape
+            )
+            return None
         images.append(image)
         labels.append(label)
-    if not images:
-        return None
-    try:
-        return np.concatenate(images), np.concatenate(labels).astype(np.int32)
-    except ValueError:  # images of different sizes: batching above failed
-        logger.info("Images of different sizes (first %s): decoding from files", shape)
-        return None
+    return np.stack(images), np.asarray(labels, np.int32)
 
 
 def indexed_source(config: TrainConfig) -> IndexedSource | None:
@@ -97,7 +94,7 @@ def indexed_source(config: TrainConfig) -> IndexedSource | None:
         decoded = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
             lambda path, label: (data.decode_image_file(path), label),
             num_parallel_calls=AUTOTUNE, deterministic=True,
-        )  # fmt: skip
+        ).ignore_errors(log_warning=True)  # fmt: skip
         in_memory = _materialize(decoded, len(folder.paths), config.cache)
         if in_memory is None:
 
@@ -169,28 +166,38 @@ def make_train_dataset(
     batch = config.batch_size
     steps = _steps_per_epoch(config, source.num_examples)
     epoch_length = steps * batch
-    seed = config.seed
-    size = (config.image_size, config.image_size)
-    num_classes = len(source.class_names)
     first_epoch, skip = divmod(start_step, steps)
 
     def epoch_indices(epoch):
         return tf.data.Dataset.from_tensor_slices(
-            epoch_order(seed, epoch, source.num_examples, epoch_length)
+            epoch_order(config.seed, epoch, source.num_examples, epoch_length)
         )
 
     ds = tf.data.Dataset.range(first_epoch, 1 << 31).flat_map(epoch_indices)
     ds = ds.enumerate(start=first_epoch * epoch_length).skip(skip * batch)
+    # A file that fails to decode despite its signature check is skipped (TensorFlow logs it):
+    # the same position fails in every run, so the stream stays a function of (seed, step).
+    ds = ds.map(
+        lambda position, index: (position, *source.load(index)), num_parallel_calls=AUTOTUNE
+    ).ignore_errors(log_warning=True)
+    dataset = _crop_batch_augment(ds, config, len(source.class_names))
+    return TrainData(dataset, source.class_names, steps, source.skipped, source=source)
 
-    def load_and_crop(position, index):
-        image, label = source.load(index)
+
+def _crop_batch_augment(ds: tf.data.Dataset, config: TrainConfig, num_classes: int):
+    """``(position, uint8 image, label)`` elements -> augmented training batches: example ``p``
+    cropped with the stateless seed ``(seed, p)``, batch ``g`` augmented with ``(seed + 1, g)``."""
+    seed, batch = config.seed, config.batch_size
+    size = (config.image_size, config.image_size)
+
+    def crop(position, image, label):
         crop_seed = tf.stack([tf.constant(seed, tf.int64), position])
         image = random_resized_crop(
             image, size, config.scale, config.ratio, config.interpolation, seed=crop_seed
         )
         return image, tf.one_hot(label, num_classes, dtype=tf.float32), position
 
-    ds = ds.map(load_and_crop, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(crop, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=AUTOTUNE)
     augment = BatchAugmenter(config)
 
@@ -198,10 +205,7 @@ def make_train_dataset(
         step_seed = tf.stack([tf.constant(seed + 1, tf.int64), positions[0] // batch])
         return augment(images, labels, seed=step_seed)
 
-    ds = ds.map(augment_batch, num_parallel_calls=AUTOTUNE)
-    return TrainData(
-        ds.prefetch(AUTOTUNE), source.class_names, steps, source.skipped, source=source
-    )
+    return ds.map(augment_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def _steps_per_epoch(config: TrainConfig, num_examples: int | None) -> int:
@@ -234,20 +238,11 @@ def _streaming_train_dataset(config: TrainConfig) -> TrainData:
         limit_per_class=config.limit_per_class, shuffle_files=True, seed=config.seed,
     )  # fmt: skip
     steps = _steps_per_epoch(config, num_examples)
-    size = (config.image_size, config.image_size)
-    num_classes = len(class_names)
     buffer = min(num_examples or MAX_SHUFFLE_BUFFER, MAX_SHUFFLE_BUFFER)
     ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
-
-    def crop(image, label):
-        image = random_resized_crop(image, size, config.scale, config.ratio, config.interpolation)
-        return image, tf.one_hot(label, num_classes, dtype=tf.float32)
-
-    ds = ds.map(crop, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(config.batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
-    augment = BatchAugmenter(config)
-    ds = ds.map(lambda images, labels: augment(images, labels), num_parallel_calls=AUTOTUNE)
-    return TrainData(ds.prefetch(AUTOTUNE), class_names, steps, skipped, exact_resume=False)
+    ds = ds.enumerate().map(lambda position, element: (position, *element))
+    dataset = _crop_batch_augment(ds, config, len(class_names))
+    return TrainData(dataset, class_names, steps, skipped)
 
 
 def make_validation_dataset(
