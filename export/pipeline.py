@@ -27,7 +27,7 @@ import convmixer_tf
 from convmixer_tf import files, imagenet
 from convmixer_tf.constants import INTERPOLATIONS
 from export import quantize, saved_model, tflite
-from export.constants import FORMATS
+from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
 
 DEFAULT_CALIBRATION_IMAGES = 256
 
@@ -86,13 +86,11 @@ def check_request(
     parse_depthwise_tile(depthwise_tile)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}. Received: {fmt!r}")
-    if io_type not in tflite.IO_TYPES:
-        raise ValueError(f"io must be one of {tflite.IO_TYPES}. Received: {io_type!r}")
-    if batch_norm not in tflite.BATCH_NORM_MODES:
-        raise ValueError(
-            f"batch_norm must be one of {tflite.BATCH_NORM_MODES}. Received: {batch_norm!r}"
-        )
-    integer = fmt in tflite.INTEGER_FORMATS
+    if io_type not in IO_TYPES:
+        raise ValueError(f"io must be one of {IO_TYPES}. Received: {io_type!r}")
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}. Received: {batch_norm!r}")
+    integer = fmt in INTEGER_FORMATS
     if integer and not has_data and not isinstance(calibration_images, np.ndarray):
         raise ValueError(
             f"format {fmt} needs training data for calibration"
@@ -251,7 +249,6 @@ def export_model(
     if output is not None:
         output = files.check_writable(output)
     model = fixed_input_model(model, input_size)
-    _check_class_names(class_names, model)
     image_size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
 
     calibration = calibration_images if isinstance(calibration_images, np.ndarray) else None
@@ -266,8 +263,9 @@ def export_model(
 
         calibration_ds, data_class_names = training_batches(64)
         class_names = data_class_names if class_names is None else class_names
-        if calibration is None and fmt in tflite.INTEGER_FORMATS:
+        if calibration is None and fmt in INTEGER_FORMATS:
             calibration = draw_calibration_images(calibration_ds, calibration_images)
+    _check_class_names(class_names, model)  # the data's classes must fit the model too
 
     fine_tune = qat_model = None
     if fmt == "qat":
@@ -312,8 +310,9 @@ def export_model(
             labels = tflite.labels_path(output)
             files.write_atomic(labels, "\n".join(class_names) + "\n")
             report["labels"] = labels
-    if fmt in tflite.INTEGER_FORMATS:
-        report["fully_integer"] = not tflite.integer_problems(blob)
+    if fmt in INTEGER_FORMATS:
+        # tflite.convert raises for an int8 / qat file that is not fully integer.
+        report["fully_integer"] = True
     if fine_tune is not None:
         report["qat"] = fine_tune
     if edgetpu:

@@ -123,3 +123,15 @@ def test_debug_shows_the_traceback(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     debug = subprocess.run([*command, "--debug"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_data_whose_classes_do_not_fit_the_model_is_one_line(tmp_path, capfd, cifar10_train_dir):
+    path = tmp_path / "five.keras"
+    convmixer_tf.ConvMixer(16, 1, 3, 2, input_shape=(16, 16, 3), num_classes=5).save(path)
+    output = tmp_path / "m.tflite"
+    status, out, err = run_cli(
+        capfd, "--model", path, "--format", "fp32", "--output", output,
+        "--data-dir", cifar10_train_dir, "--limit-per-class", "1",
+    )  # fmt: skip
+    assert status == 2 and out == [] and "10 class names" in err and "5 outputs" in err
+    assert not output.exists()

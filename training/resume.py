@@ -128,11 +128,14 @@ def read_pointer(backup_dir: str) -> dict | None:
     return pointer
 
 
-def restore_state(model, backup_dir: str, strategy=None) -> tuple[int, list[np.ndarray]]:
+def restore_state(
+    model, backup_dir: str, strategy=None, pointer: dict | None = None
+) -> tuple[int, list[np.ndarray]]:
     """Assigns the backup's model and optimizer variables to ``model`` (compiled, optimizer
     built here if needed); returns ``(step, metric accumulators)``: those are added to the
-    metrics after the first resumed batch (:class:`ResumeMetrics`), once Keras built them."""
-    pointer = read_pointer(backup_dir)
+    metrics after the first resumed batch (:class:`ResumeMetrics`), once Keras built them.
+    ``pointer``: :func:`read_pointer`'s result when the caller already read it."""
+    pointer = pointer or read_pointer(backup_dir)
     if pointer is None:
         return 0, []
     optimizer = model.optimizer

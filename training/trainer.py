@@ -369,7 +369,9 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     callbacks, stop_on_nan = make_callbacks(training, chief)
     step, metric_state = 0, []
     if pointer is not None:
-        step, metric_state = resume.restore_state(training.model, backup_dir, training.strategy)
+        step, metric_state = resume.restore_state(
+            training.model, backup_dir, training.strategy, pointer
+        )
         logger.warning(
             "Resuming at step %d (epoch %d, batch %d) from the backup in %s",
             step, step // training.steps_per_epoch + 1, step % training.steps_per_epoch,
