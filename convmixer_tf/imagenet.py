@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -191,5 +192,6 @@ def load_image(path: str) -> tf.Tensor:
     try:
         return tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-        message = " ".join(e.message.split())
-        raise ValueError(f"Cannot decode image {path!r}: {message}") from None
+        # TensorFlow wraps the reason in the op's name ({{function_node ...}} ... [Op:...]).
+        message = re.sub(r"\{\{.*?\}\}|\[Op:[^\]]*\]|\bname:\s*$", "", e.message.strip())
+        raise ValueError(f"Cannot decode image {path!r}: {' '.join(message.split())}") from None

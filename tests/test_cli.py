@@ -55,7 +55,7 @@ def test_predict_bad_images_name_the_file(tmp_path, capsys, kind):
     argv = ["--weights", weights, "--activation", "relu", "--input-size", "16", str(IMAGE)]
     assert predict.main([*argv, str(path)]) == 2
     err = one_error_line(capsys, "python -m convmixer_tf.predict")
-    assert f"{kind}.jpg" in err
+    assert f"{kind}.jpg" in err and "function_node" not in err and "[Op:" not in err
 
 
 def test_train_output_dir_that_is_a_file(tmp_path, capsys, cifar10_train_dir):
@@ -102,8 +102,8 @@ def test_every_cli_follows_the_convention():
     import importlib
 
     modules = ["convmixer_tf.convert", "convmixer_tf.predict", "training.train",
-               "training.evaluate", "training.benchmark", "export.__main__", "export.evaluate",
-               "export.benchmark"]  # fmt: skip
+               "training.evaluate", "training.benchmark", "training.launch", "export.__main__",
+               "export.evaluate", "export.benchmark"]  # fmt: skip
     for name in modules:
         module = importlib.import_module(name)
         parser = module.build_parser()
@@ -162,3 +162,18 @@ def test_no_cli_runs_code_from_a_model_file(malicious_models, tmp_path, cifar10_
     # The explicit opt-in loads (and so runs) the trusted file.
     assert convmixer_tf.load_model(malicious_models[0], unsafe=True) is not None
     assert (tmp_path / "PWNED").exists()
+
+
+def test_launch_with_no_workers_is_one_line(capsys):
+    from training import launch
+
+    assert launch.main(["--workers", "0", "--", "--data-dir", "x"]) == 2
+    assert "`workers` must be at least 1" in one_error_line(capsys, "python -m training.launch")
+
+
+def test_train_with_a_missing_data_folder_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(tmp_path / "nope"), "--output-dir", str(out)]
+    assert train.main(argv) == 2
+    assert "Image folder not found" in one_error_line(capsys, "python -m training.train")
+    assert not out.exists()  # checked before the run directory is locked or created

@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from convmixer_tf import cli
+
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 10.0
 
@@ -154,8 +156,8 @@ def _stop(processes: Sequence[subprocess.Popen]) -> None:
             process.wait()
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the launcher's options; everything after ``--`` goes to the training module."""
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's options; everything after ``--`` goes to the training module."""
     parser = argparse.ArgumentParser(
         prog="python -m training.launch",
         description="Start N multi-worker training processes on this host (TF_CONFIG set).",
@@ -167,18 +169,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Python module each worker runs (default: training.train)",
     )
     parser.add_argument("--host", default="localhost", help="address the workers listen on")
+    cli.add_debug_argument(parser)
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then training arguments")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the launcher's options, dropping the ``--`` before the training arguments."""
+    return _drop_separator(build_parser().parse_args(argv))
+
+
+def _drop_separator(args: argparse.Namespace) -> argparse.Namespace:
     if args.train_args and args.train_args[0] == "--":
         args.train_args = args.train_args[1:]
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the job's exit code."""
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Launches the job ``args`` describe; returns its exit code."""
+    args = _drop_separator(args)
     program = [sys.executable, "-m", args.module, *args.train_args]
     return launch(program, args.workers, host=args.host)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the job's exit code (2: a user error, one line)."""
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import tensorflow as tf
 
 import convmixer_tf
 from convmixer_tf import files, saving
-from training import allocator, distribute, pipeline, resume, rundir
+from training import allocator, data, distribute, pipeline, resume, rundir
 from training.callbacks import (
     TrainingDivergedError,
     callback_classes,
@@ -326,6 +326,8 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     """
     output_dir = config.output_dir
     files.check_output_dir(output_dir)
+    if config.data_dir is not None:  # the folders exist: checked before anything is locked
+        data.resolve_layout(config.data_dir, config.val_dir, config.val_labels)
     state = rundir.run_state(output_dir)
     if state == "finished" and not config.overwrite:
         with open(os.path.join(output_dir, METRICS_FILE)) as f:
