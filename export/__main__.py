@@ -10,6 +10,9 @@ Usage::
     # quantization-aware fine-tuning (tfmot), then full-integer conversion; Edge TPU op check
     python -m export --model model.keras --format qat --output out/model_qat.tflite \\
         --data-dir ../shared/data/cifar10/train --qat-steps 300 --qat-lr 1e-5 --edgetpu
+    # an Arm Ethos-U55 (Vela) and a microcontroller (TFLite Micro) check of the int8 file
+    python -m export --model model.keras --format int8 --output out/model_int8.tflite \\
+        --data-dir ../shared/data/cifar10/train --target ethos-u55-128 --target tflm
     # a SavedModel for TF Serving: raw uint8 pixels or encoded image files in, top-5 out
     python -m export --model runs/c10/model.keras --format saved_model --output served/1
 
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 
 from convmixer_tf import cli
 from convmixer_tf.constants import INTERPOLATIONS
-from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
+from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES, TARGETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edgetpu", action="store_true",
                         help="report whether every op suits the Edge TPU compiler")  # fmt: skip
     parser.add_argument(
+        "--target", action="append", choices=TARGETS, default=[], metavar="TARGET",
+        help="int8/qat: check the file with an edge target's own tool (repeatable): a Vela "
+        "accelerator configuration (Arm Ethos-U: writes <output>.<target>.tflite and reports "
+        "Vela's NPU/CPU op split, estimated time and memory) or tflm (runs it in TFLite Micro, "
+        f"compared with LiteRT). Choices: {', '.join(TARGETS)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vela-system-config", default=None,
+        help="Vela's system configuration (default: Vela's own for the accelerator family)",
+    )  # fmt: skip
+    parser.add_argument("--vela-memory-mode", default=None, help="Vela's memory mode")
+    parser.add_argument("--vela-config", default=None, help="a Vela .ini file defining them")
+    parser.add_argument("--tflm-images", type=int, default=32,
+                        help="images the TFLite Micro comparison runs")  # fmt: skip
+    parser.add_argument(
         "--crop-pct", type=float, default=None,
         help="saved_model: center crop of the image-file signature (default: the training run's "
         "config.json beside --model, else 0.96 as for the ImageNet checkpoints)",
@@ -102,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     )
     # Everything that can be checked without loading a model, before loading it.
     pipeline.check_request(args.format, has_data=has_data, **request)
+    targets = pipeline.edge_targets(args.target, args.format)
+    if args.tflm_images < 1:
+        raise ValueError(f"--tflm-images must be positive. Received: {args.tflm_images}")
     if args.format == "saved_model":
         saved_model.check_output(args.output)
     else:
@@ -127,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
             qat_lr=args.qat_lr,
             qat_batch_size=args.qat_batch_size,
             edgetpu=args.edgetpu,
+            targets=targets,
+            vela_system_config=args.vela_system_config,
+            vela_memory_mode=args.vela_memory_mode,
+            vela_config=args.vela_config,
+            tflm_images=args.tflm_images,
             **request,
         )
     print(json.dumps(result.report), flush=True)

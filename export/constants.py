@@ -10,3 +10,12 @@ IO_TYPES = ("int8", "uint8")
 # per-channel int8 weights: accurate) or "mul" (MUL + ADD with one int8 scale for the
 # multipliers: the converter's default, a smaller file). QAT always uses "depthwise".
 BATCH_NORM_MODES = ("depthwise", "mul")
+# Edge targets whose own tools check an int8 / qat export (export.edge): Arm Ethos-U NPU
+# configurations as Vela names them (ethos-u-vela 5.2.0, --accelerator-config), and TFLite Micro.
+VELA_TARGETS = (
+    "ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256",
+    "ethos-u65-256", "ethos-u65-512",
+    "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048",
+)  # fmt: skip
+TFLM_TARGET = "tflm"
+TARGETS = (*VELA_TARGETS, TFLM_TARGET)

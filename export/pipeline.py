@@ -30,6 +30,8 @@ from export import quantize, saved_model, tflite
 from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
 
 DEFAULT_CALIBRATION_IMAGES = 256
+# Images TFLite Micro runs to compare its outputs with LiteRT's (its kernels are slow).
+DEFAULT_TFLM_IMAGES = 32
 
 
 @dataclasses.dataclass
@@ -114,6 +116,49 @@ def check_request(
         raise ValueError(f"calibration_images must be positive. Received: {calibration_images}")
 
 
+def edge_targets(targets: Sequence[str] | None, fmt: str) -> list[str]:
+    """The requested edge targets, deduplicated, or a ValueError naming the problem (unknown
+    target, a format that is not fully integer, the tool not installed)."""
+    from export import edge
+
+    return edge.check_targets(targets or (), fmt)
+
+
+def _check_targets(blob, targets, output, *, main_output, images, tflm_images, vela_options):
+    """Runs each target's tool on ``blob``; writes Vela's files (and the TFLM file when it is
+    not the main output) beside ``output``; returns the report per target."""
+    from export import edge
+    from export.constants import TFLM_TARGET
+
+    reports = {}
+    tflm = None
+    if TFLM_TARGET in targets:
+        tflm = edge.run_tflm(blob, images[:tflm_images])
+        tflm["graph"] = "the main output" if main_output else "untiled depthwise convs"
+        if output is not None and not main_output:
+            path = edge.target_path(output, TFLM_TARGET)
+            files.write_atomic(path, blob)
+            tflm["output"] = path
+        elif output is not None:
+            tflm["output"] = os.fspath(output)
+        reports[TFLM_TARGET] = tflm
+    for target in targets:
+        if target == TFLM_TARGET:
+            continue
+        optimized, vela = edge.run_vela(blob, target, **vela_options)
+        vela["graph"] = "the main output" if main_output else "untiled depthwise convs"
+        if output is not None:
+            path = edge.target_path(output, target)
+            files.write_atomic(path, optimized)
+            vela["output"] = path
+        if tflm is None and edge.tflm_installed():
+            tflm = edge.tflm_ops_check(blob)
+        if tflm is not None:
+            vela["tflm_chain"] = edge.micro_chain(vela, tflm)
+        reports[target] = vela
+    return reports
+
+
 def _check_class_names(class_names, model) -> None:
     outputs = int(model.output_shape[-1])
     if class_names is not None and len(class_names) != outputs:
@@ -188,6 +233,11 @@ def export_model(
     qat_lr: float = 1e-5,
     qat_batch_size: int = 64,
     edgetpu: bool = False,
+    targets: Sequence[str] = (),
+    vela_system_config: str | None = None,
+    vela_memory_mode: str | None = None,
+    vela_config: str | None = None,
+    tflm_images: int = DEFAULT_TFLM_IMAGES,
     verbose: int = 2,
 ) -> ExportResult:
     """Converts a Keras ConvMixer to a .tflite of ``fmt`` or a serving SavedModel.
@@ -214,6 +264,16 @@ def export_model(
         qat_steps, qat_epochs: QAT length (one of them for ``"qat"``).
         qat_lr, qat_batch_size: QAT's AdamW learning rate and batch size.
         edgetpu: add the Edge TPU op check to the report.
+        targets: edge targets checked by their own tools (:mod:`export.edge`, int8 and qat
+            only): Vela accelerator configurations (``"ethos-u55-128"``, ...; the optimized file
+            is written beside ``output`` as ``<name>.<target>.tflite``) and ``"tflm"`` (TFLite
+            Micro: runs ``tflm_images`` calibration images, compares with LiteRT, measures the
+            arena). With ``depthwise_tile="auto"`` these tools get the untiled graph (smaller
+            and faster there, docs/export.md); it is written as ``<name>.tflm.tflite`` when it
+            differs from ``output``.
+        vela_system_config, vela_memory_mode, vela_config: Vela's system configuration, memory
+            mode and .ini file (default: Vela's own per accelerator family).
+        tflm_images: how many images the TFLite Micro comparison runs.
         verbose: Keras' verbosity during QAT.
 
     Returns:
@@ -223,6 +283,7 @@ def export_model(
         ValueError: a request that cannot work (checked before any data is read or model
             converted), naming the option.
     """
+    targets = edge_targets(targets, fmt)
     check_request(
         fmt,
         has_data=data is not None,
@@ -317,4 +378,16 @@ def export_model(
         report["qat"] = fine_tune
     if edgetpu:
         report["edgetpu"] = tflite.edgetpu_report(blob)
+    if targets:
+        edge_blob = blob
+        if depthwise_tile == "auto" and fmt != "qat" and tflite.has_tiled_depthwise(model):
+            edge_blob = tflite.convert(
+                model, fmt, calibration_images=calibration, io_type=io_type,
+                depthwise_tile=None, class_names=class_names, batch_norm=batch_norm,
+            )  # fmt: skip
+        report["targets"] = _check_targets(
+            edge_blob, targets, output, main_output=edge_blob is blob, images=calibration,
+            tflm_images=tflm_images, vela_options=dict(system_config=vela_system_config,
+            memory_mode=vela_memory_mode, config=vela_config),
+        )  # fmt: skip
     return ExportResult(blob=blob, report=report, qat_model=qat_model)

@@ -117,6 +117,13 @@ def prepare_keras_model(
     return model
 
 
+def has_tiled_depthwise(model) -> bool:
+    """Whether ``depthwise_tile="auto"`` tiles some depthwise conv of ``model`` (kernel > 5)."""
+    import convmixer_tf
+
+    return convmixer_tf.model_arguments(model)["kernel_size"] > FAST_DEPTHWISE_KERNEL
+
+
 def convert(
     model,
     fmt: str,
@@ -387,16 +394,19 @@ def summarize(blob: bytes) -> Summary:
     return _summary(_model_object(blob))
 
 
+def _op_name(code) -> str:
+    """A builtin op's name (``"CONV_2D"``), or ``"CUSTOM(<code>)"`` for a custom op (Vela's NPU
+    op is ``"CUSTOM(ethos-u)"``)."""
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
+        return f"CUSTOM({custom})"
+    return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
+
+
 def _summary(model) -> Summary:
     graph = model.subgraphs[0]
-    ops = tuple(
-        _OP_NAMES.get(
-            max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode),
-            "CUSTOM",
-        )
-        for op in graph.operators
-    )  # fmt: skip
+    ops = tuple(_op_name(model.operatorCodes[op.opcodeIndex]) for op in graph.operators)
     types: dict[str, int] = {}
     floats = []
     for tensor in graph.tensors:
