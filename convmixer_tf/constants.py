@@ -4,7 +4,9 @@ This module imports no TensorFlow, so that parsing a training config or a comman
 cheap: ``training.config`` checks its values against these tuples without loading TensorFlow.
 """
 
-ACTIVATIONS = ("gelu", "relu")
+# "silu" (x * sigmoid(x)) is what an int8 export with the sigmoid GELU approximation computes
+# (export.rewrite.gelu_as_silu): LOGISTIC and MUL, which XNNPACK and TFLite Micro run in int8.
+ACTIVATIONS = ("gelu", "relu", "silu")
 POOLINGS = ("avg", "max", None)
 KERAS_MODULES = ("keras", "tf_keras")
 

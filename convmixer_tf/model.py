@@ -127,7 +127,8 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
         num_classes: number of classes of the classifier.
         classifier_activation: activation of the classifier; None (default) returns logits.
             The classifier computes in float32 under mixed precision.
-        activation: ``"gelu"`` (exact, erf form, as PyTorch's nn.GELU) or ``"relu"``.
+        activation: ``"gelu"`` (exact, erf form, as PyTorch's nn.GELU), ``"relu"`` or
+            ``"silu"``.
         mean, std: per-channel statistics of the preprocessing, in [0, 1] pixel units.
         synchronized_bn: synchronize BatchNorm statistics across replicas (tf.distribute).
         weights: None (random initialization), the path of a Keras weights file

@@ -32,7 +32,14 @@ from collections.abc import Sequence
 
 from convmixer_tf import cli
 from convmixer_tf.constants import INTERPOLATIONS
-from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES, TARGETS
+from export.constants import (
+    BATCH_NORM_MODES,
+    FORMATS,
+    GELU_MODES,
+    INTEGER_FORMATS,
+    IO_TYPES,
+    TARGETS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration-images", type=int, default=256,
         help="training images for the converter's representative dataset (int8, qat)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="draws the calibration images and orders QAT's batches (vary it to measure spread)",
     )  # fmt: skip
     parser.add_argument("--input-size", type=int, default=None,
                         help="square input size, for models saved without a fixed one")  # fmt: skip
@@ -70,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-norm", choices=BATCH_NORM_MODES, default="depthwise",
         help="int8: BatchNorms as 1x1 depthwise convs (per-channel, accurate; default) or as "
         "MUL + ADD (smaller file)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gelu", choices=GELU_MODES, default="exact",
+        help="GELU models: exact (TFLite's GELU op) or sigmoid (x * sigmoid(1.702 x) as "
+        "LOGISTIC + MUL: one XNNPACK partition in int8, runs in TFLite Micro; use with qat)",
     )  # fmt: skip
     parser.add_argument("--edgetpu", action="store_true",
                         help="report whether every op suits the Edge TPU compiler")  # fmt: skip
@@ -114,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         io_type=args.io,
         depthwise_tile=args.depthwise_tile,
         batch_norm=args.batch_norm,
+        gelu=args.gelu,
         qat_steps=args.qat_steps,
         qat_epochs=args.qat_epochs,
         calibration_images=args.calibration_images,
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             vela_memory_mode=args.vela_memory_mode,
             vela_config=args.vela_config,
             tflm_images=args.tflm_images,
+            seed=args.seed,
             **request,
         )
     print(json.dumps(result.report), flush=True)

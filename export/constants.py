@@ -10,6 +10,10 @@ IO_TYPES = ("int8", "uint8")
 # per-channel int8 weights: accurate) or "mul" (MUL + ADD with one int8 scale for the
 # multipliers: the converter's default, a smaller file). QAT always uses "depthwise".
 BATCH_NORM_MODES = ("depthwise", "mul")
+# How a GELU ConvMixer's .tflite computes GELU: "exact" (TFLite's GELU op) or "sigmoid"
+# (x * sigmoid(1.702 x) as LOGISTIC + MUL, export.rewrite.gelu_as_silu: one XNNPACK partition in
+# int8, and an op set TFLite Micro has; QAT absorbs the approximation).
+GELU_MODES = ("exact", "sigmoid")
 # Edge targets whose own tools check an int8 / qat export (export.edge): Arm Ethos-U NPU
 # configurations as Vela names them (ethos-u-vela 5.2.0, --accelerator-config), and TFLite Micro.
 VELA_TARGETS = (

@@ -64,8 +64,9 @@ _MISSING_OP = re.compile(r"Didn't find op for (?:builtin|custom) opcode '([^']+)
 _ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 # What to change when TFLM lacks an op of our graphs.
 _ADVICE = {
-    "GELU": "TFLM has no GELU kernel: use a ReLU ConvMixer (--activation relu), or export a "
-    "GELU model for Ethos-U, where Vela runs GELU on the NPU",
+    "GELU": "TFLM has no GELU kernel: export with --gelu sigmoid (x * sigmoid(1.702 x) as "
+    "LOGISTIC + MUL, which TFLM has; best with --format qat), or train a ReLU ConvMixer; on "
+    "Ethos-U, Vela runs GELU on the NPU",
 }
 
 

@@ -27,7 +27,7 @@ import convmixer_tf
 from convmixer_tf import files, imagenet
 from convmixer_tf.constants import INTERPOLATIONS
 from export import quantize, saved_model, tflite
-from export.constants import BATCH_NORM_MODES, FORMATS, INTEGER_FORMATS, IO_TYPES
+from export.constants import BATCH_NORM_MODES, FORMATS, GELU_MODES, INTEGER_FORMATS, IO_TYPES
 
 DEFAULT_CALIBRATION_IMAGES = 256
 # Images TFLite Micro runs to compare its outputs with LiteRT's (its kernels are slow).
@@ -83,6 +83,7 @@ def check_request(
     qat_steps: int | None = None,
     qat_epochs: float | None = None,
     calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
+    gelu: str = "exact",
 ) -> None:
     """Raises a ValueError naming the option whose value cannot work; no TensorFlow work."""
     parse_depthwise_tile(depthwise_tile)
@@ -92,6 +93,10 @@ def check_request(
         raise ValueError(f"io must be one of {IO_TYPES}. Received: {io_type!r}")
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}. Received: {batch_norm!r}")
+    if gelu not in GELU_MODES:
+        raise ValueError(f"gelu must be one of {GELU_MODES}. Received: {gelu!r}")
+    if gelu != "exact" and fmt == "saved_model":
+        raise ValueError("gelu 'sigmoid' applies to .tflite formats; a SavedModel is exact.")
     integer = fmt in INTEGER_FORMATS
     if integer and not has_data and not isinstance(calibration_images, np.ndarray):
         raise ValueError(
@@ -228,6 +233,7 @@ def export_model(
     io_type: str = "int8",
     depthwise_tile: str | int | None = "auto",
     batch_norm: str = "depthwise",
+    gelu: str = "exact",
     qat_steps: int | None = None,
     qat_epochs: float | None = None,
     qat_lr: float = 1e-5,
@@ -238,6 +244,7 @@ def export_model(
     vela_memory_mode: str | None = None,
     vela_config: str | None = None,
     tflm_images: int = DEFAULT_TFLM_IMAGES,
+    seed: int = 0,
     verbose: int = 2,
 ) -> ExportResult:
     """Converts a Keras ConvMixer to a .tflite of ``fmt`` or a serving SavedModel.
@@ -261,6 +268,9 @@ def export_model(
             signature (the variant's, or the training run's).
         io_type: input/output type of the integer formats, ``"int8"`` or ``"uint8"``.
         depthwise_tile, batch_norm: see :func:`export.tflite.prepare_keras_model`.
+        gelu: ``"exact"`` (TFLite's GELU op) or ``"sigmoid"``: a GELU model's activations as
+            ``x * sigmoid(1.702 x)`` (:func:`export.rewrite.gelu_as_silu`; LOGISTIC + MUL, one
+            XNNPACK partition in int8, runs in TFLite Micro); QAT then trains that graph.
         qat_steps, qat_epochs: QAT length (one of them for ``"qat"``).
         qat_lr, qat_batch_size: QAT's AdamW learning rate and batch size.
         edgetpu: add the Edge TPU op check to the report.
@@ -274,6 +284,8 @@ def export_model(
         vela_system_config, vela_memory_mode, vela_config: Vela's system configuration, memory
             mode and .ini file (default: Vela's own per accelerator family).
         tflm_images: how many images the TFLite Micro comparison runs.
+        seed: draws the calibration images and orders (and seeds) QAT's batches: exports with
+            different seeds measure the spread over calibration draws and QAT runs.
         verbose: Keras' verbosity during QAT.
 
     Returns:
@@ -293,6 +305,7 @@ def export_model(
         qat_steps=qat_steps,
         qat_epochs=qat_epochs,
         calibration_images=calibration_images,
+        gelu=gelu,
     )
     if fmt == "saved_model":
         if output is None:
@@ -310,6 +323,10 @@ def export_model(
     if output is not None:
         output = files.check_writable(output)
     model = fixed_input_model(model, input_size)
+    if gelu == "sigmoid":
+        from export import rewrite
+
+        model = rewrite.gelu_as_silu(model)
     image_size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
 
     calibration = calibration_images if isinstance(calibration_images, np.ndarray) else None
@@ -319,7 +336,7 @@ def export_model(
         def training_batches(batch_size):
             return load_dataset(
                 **data, split="train", image_size=image_size, batch_size=batch_size,
-                shuffle=True, seed=0,
+                shuffle=True, seed=seed,
             )  # fmt: skip
 
         calibration_ds, data_class_names = training_batches(64)
@@ -365,6 +382,8 @@ def export_model(
         "output_dtype": summary.output_dtype,
         "ops": sorted(set(summary.ops)),
     }
+    if gelu != "exact":
+        report["gelu"] = gelu
     if output is not None:
         files.write_atomic(output, blob)
         if class_names is not None:

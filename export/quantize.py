@@ -61,7 +61,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 )
 
 import convmixer_tf
-from export.rewrite import batch_norm_as_depthwise
+from export.rewrite import batch_norm_as_depthwise, fold_last_batch_norm
 from export.rewrite import fold_preprocessing as fold_input_normalization
 
 _quantizers = tfmot.quantization.keras.quantizers
@@ -104,6 +104,14 @@ class OutputQuantizeConfig(_QuantizeConfig):
 
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
+
+
+class PassThroughQuantizeConfig(OutputQuantizeConfig):
+    """Quantizes nothing: for layers that compute no new values (Identity, the folded last
+    BatchNorm), whose output keeps its input's quantization."""
+
+    def get_output_quantizers(self, layer):
+        return []
 
 
 class PerChannelGridQuantizer(_quantizers.Quantizer):
@@ -210,8 +218,8 @@ class _Policy:
     grid_axes: tuple[int, ...] | None = None
 
     def make(self, quantize_output: bool = True) -> _QuantizeConfig:
-        if self.config is OutputQuantizeConfig:
-            return OutputQuantizeConfig()
+        if self.config in (OutputQuantizeConfig, PassThroughQuantizeConfig):
+            return self.config()
         return self.config(self.weight_attr, self.per_axis, quantize_output, self.grid_axes)
 
 
@@ -226,6 +234,8 @@ QUANTIZE_POLICY: dict[str, _Policy] = {
     # No BatchNormalization: quantize_model turns every BN into a 1x1 DepthwiseConv2D first
     # (as MUL + ADD in the .tflite it would not match its fake quantization).
     "Add": _Policy(OutputQuantizeConfig),
+    # The last BatchNorm, folded into the classifier (export.rewrite.fold_last_batch_norm).
+    "Identity": _Policy(PassThroughQuantizeConfig),
     "GlobalAveragePooling2D": _Policy(OutputQuantizeConfig),
     "GlobalMaxPooling2D": _Policy(OutputQuantizeConfig),
     # Per output channel, as the converter quantizes FULLY_CONNECTED weights (TF 2.21).
@@ -241,6 +251,7 @@ def quantize_scope():
     return tfmot.quantization.keras.quantize_scope(
         {
             "OutputQuantizeConfig": OutputQuantizeConfig,
+            "PassThroughQuantizeConfig": PassThroughQuantizeConfig,
             "WeightsQuantizeConfig": WeightsQuantizeConfig,
             "PerChannelGridQuantizer": PerChannelGridQuantizer,
         }
@@ -328,10 +339,11 @@ def quantize_model(
     """Returns the fake-quantized tf_keras model (QAT-ready) of a Keras 3 or tf_keras ConvMixer.
 
     The model is rebuilt as tf_keras (with the input normalization folded into the stem conv by
-    default, see :func:`export.rewrite.fold_preprocessing`), its BatchNorms turned into the equal
-    1x1
-    depthwise convs (:func:`export.rewrite.batch_norm_as_depthwise`: QAT then fine-tunes them
-    as frozen-statistics affines, the usual BN folding of QAT), annotated from
+    default, see :func:`export.rewrite.fold_preprocessing`), its last BatchNorm folded into the
+    classifier (:func:`export.rewrite.fold_last_batch_norm`, as for PTQ), its other BatchNorms
+    turned into the equal 1x1 depthwise convs (:func:`export.rewrite.batch_norm_as_depthwise`:
+    QAT then fine-tunes them as frozen-statistics affines, the usual BN folding of QAT),
+    annotated from
     :data:`QUANTIZE_POLICY`, and its input quantizer set to the raw pixel range [0, 255]
     (:data:`PIXEL_RANGE`).
 
@@ -352,7 +364,7 @@ def quantize_model(
         model = fold_input_normalization(model, keras_module="tf_keras", batch_size=batch_size)
     else:
         model = to_tf_keras(model, batch_size=batch_size)
-    model = batch_norm_as_depthwise(model)
+    model = batch_norm_as_depthwise(fold_last_batch_norm(model))
     with quantize_scope():
         qat_model = tfmot.quantization.keras.quantize_apply(
             annotate(model), scheme=ConvMixerQuantizeScheme()

@@ -235,6 +235,93 @@ def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> ke
     )
 
 
+def fold_last_batch_norm(model):
+    """Returns ``model`` with its last BatchNorm folded into the classifier.
+
+    The last block ends ``BN(act(conv(x)))``, then global average pooling and the Dense head.
+    A BN is a per-channel affine map, which commutes with averaging: ``mean(BN(y)) =
+    BN(mean(y))``, so ``head(mean(BN(y)))`` equals ``head'(mean(y))`` with ``W' = diag(s) W``
+    and ``b' = b + (beta - mean * s) W`` (``s = gamma / sqrt(var + eps)``): exact in float, one
+    op fewer, and in int8 the pooled tensor comes straight from the activation instead of from
+    the BN's output, whose wide, sparse range gave the int8 graph its coarsest step
+    (``benchmarks.int8_layers``). A model without the classifier is returned as it is.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> [layer.name for layer in fold_last_batch_norm(model).layers][-3:]
+        ['blocks_0_pwconv_act', 'avg_pool', 'head']
+    """
+    args = convmixer_tf.model_arguments(model)
+    if not args["include_top"]:
+        return model
+    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    last = f"blocks_{args['depth'] - 1}_pwconv_bn" if args["depth"] else "stem_bn"
+    norm = model.get_layer(last)
+    if not isinstance(norm, module.layers.BatchNormalization):
+        raise ValueError(f"Layer {last!r} is not a BatchNormalization: {type(norm).__name__}")
+    gamma, beta, mean, variance = (np.asarray(w, "float64") for w in norm.get_weights())
+    scale = gamma / np.sqrt(variance + norm.epsilon)
+    shift = beta - mean * scale
+    kernel, bias = (np.asarray(w, "float64") for w in model.get_layer("head").get_weights())
+
+    def _replacement(layer):
+        return module.layers.Identity(name=layer.name) if layer.name == last else None
+
+    folded = _clone_replacing(model, _replacement, lambda new, old: None)
+    folded.get_layer("head").set_weights(
+        [(scale[:, None] * kernel).astype("float32"), (bias + shift @ kernel).astype("float32")]
+    )
+    return folded
+
+
+# x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel, 2016).
+SIGMOID_GELU_ALPHA = 1.702
+
+
+def gelu_as_silu(model, alpha: float = SIGMOID_GELU_ALPHA):
+    """Returns the ConvMixer that computes GELU as ``x * sigmoid(alpha * x)``, in stock layers.
+
+    ``x * sigmoid(a x) = silu(a x) / a``. Each activation of ConvMixer sits between a conv and a
+    BatchNorm (``BN(act(conv(x)))``), so ``a`` is folded into the conv (kernel and bias times
+    ``a``) and ``1 / a`` into the BN (``BN(y / a)`` equals a BN of ``y`` with the moving mean
+    times ``a`` and ``variance + eps`` times ``a**2``): the result is a plain ConvMixer with
+    ``activation="silu"`` and no extra op. In int8 its activations are LOGISTIC and MUL, which
+    XNNPACK runs inside its partitions and TFLite Micro has (TFLite's int8 GELU is neither).
+    The approximation differs from the exact GELU by at most 0.02 (at |x| about 2); QAT on this
+    graph absorbs the difference.
+
+    Example:
+        >>> import convmixer_tf
+        >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
+        >>> convmixer_tf.model_arguments(gelu_as_silu(model))["activation"]
+        'silu'
+    """
+    args = convmixer_tf.model_arguments(model)
+    if args["activation"] != "gelu":
+        raise ValueError(
+            f"Only a GELU ConvMixer has a sigmoid-GELU form. Received activation "
+            f"{args['activation']!r} in model {model.name!r}."
+        )
+    keras_module = "tf_keras" if isinstance(model, tf_keras.Model) else "keras"
+    silu = convmixer_tf.rebuild(
+        model, keras_module=keras_module, batch_size=model.input_shape[0], activation="silu"
+    )
+    convs = ["stem"] + [
+        f"blocks_{i}_{part}" for i in range(args["depth"]) for part in ("dwconv", "pwconv")
+    ]
+    for prefix in convs:
+        conv = silu.get_layer("stem_conv" if prefix == "stem" else prefix)
+        kernel, bias = conv.get_weights()
+        conv.set_weights([kernel * alpha, bias * alpha])
+        norm = silu.get_layer(f"{prefix}_bn")
+        gamma, beta, mean, variance = (np.asarray(w, "float64") for w in norm.get_weights())
+        # BN(y / a): (y / a - m) / sqrt(v + eps) = (y - a m) / sqrt(a^2 (v + eps)).
+        variance = alpha**2 * (variance + norm.epsilon) - norm.epsilon
+        norm.set_weights([w.astype("float32") for w in (gamma, beta, mean * alpha, variance)])
+    return silu
+
+
 def batch_norm_as_depthwise(model):
     """Returns ``model`` with every BatchNormalization as the equal 1x1 ``DepthwiseConv2D``.
 

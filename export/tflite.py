@@ -106,6 +106,7 @@ def prepare_keras_model(
             f"`batch_norm` must be one of {BATCH_NORM_MODES}. Received: batch_norm={batch_norm!r}"
         )
     model = rewrite.fold_preprocessing(model, batch_size=1)
+    model = rewrite.fold_last_batch_norm(model)
     if fmt in INTEGER_FORMATS and batch_norm == "depthwise":
         model = rewrite.batch_norm_as_depthwise(model)
     if depthwise_tile == "auto":

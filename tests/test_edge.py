@@ -3,12 +3,14 @@
 import json
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from export_helpers import pixels, tiny_model
 
 from export import __main__ as cli
-from export import edge, tflite
+from export import edge, quantize, rewrite, tflite
+from export.evaluate import TFLiteClassifier
 from export.pipeline import export_model
 
 CALIBRATION = pixels(16)
@@ -102,13 +104,14 @@ def test_targets_get_the_untiled_graph_and_files_beside_the_export(tmp_path):
     )  # fmt: skip
     targets = result.report["targets"]
     # The XNNPACK file is tiled (3x3 tiles: nine depthwise convs per block) ...
-    # (one per BatchNorm: the stem's and two per block; 9 tiles per 9x9 conv, 2 blocks)
-    assert tflite.summarize(result.blob).ops.count("DEPTHWISE_CONV_2D") == 1 + 2 * 2 + 2 * 9
+    # (one per BatchNorm: the stem's and two per block but the last, folded into the head;
+    # 9 tiles per 9x9 conv, 2 blocks)
+    assert tflite.summarize(result.blob).ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2 * 9
     # ... the NPU and microcontroller get the plain 9x9 convs (docs/export.md: smaller, faster).
     micro = (tmp_path / "m_int8.tflm.tflite").read_bytes()
     assert targets["tflm"]["graph"] == "untiled depthwise convs"
     assert targets["tflm"]["output"] == str(tmp_path / "m_int8.tflm.tflite")
-    assert tflite.summarize(micro).ops.count("DEPTHWISE_CONV_2D") == 1 + 2 * 2 + 2
+    assert tflite.summarize(micro).ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2
     assert targets["tflm"]["runs"]
     assert targets["tflm"]["max_abs_diff_vs_litert_reference_kernels"] <= 1
     vela_file = tmp_path / "m_int8.ethos-u55-128.tflite"
@@ -166,3 +169,29 @@ def test_vela_targets_are_velas_own():
     from export.constants import VELA_TARGETS
 
     assert set(VELA_TARGETS) == {a.value for a in Accelerator}
+
+
+@pytest.mark.slow
+def test_sigmoid_gelu_runs_in_tflm_as_int8_and_qat():
+    """--gelu sigmoid: a GELU model's int8 and QAT files hold LOGISTIC + MUL, which TFLM has;
+    the QAT file computes what its fake-quant model computes."""
+    model = tiny_model(kernel_size=3, num_classes=4)
+    labels = np.arange(len(CALIBRATION)) % 4
+    data = tf.data.Dataset.from_tensor_slices((CALIBRATION, labels)).batch(8)
+    int8 = export_model(model, "int8", calibration_images=CALIBRATION, gelu="sigmoid",
+                        targets=["tflm"], tflm_images=4)  # fmt: skip
+    assert "GELU" not in int8.report["ops"] and {"LOGISTIC", "MUL"} <= set(int8.report["ops"])
+    assert int8.report["gelu"] == "sigmoid" and int8.report["targets"]["tflm"]["runs"]
+
+    silu = rewrite.gelu_as_silu(model)
+    qat_model = quantize.quantize_model(silu, calibration_images=CALIBRATION)
+    quantize.finetune(qat_model, data, steps=2, learning_rate=1e-5)
+    blob = tflite.convert(quantize.rebatch_qat_model(qat_model), "qat",
+                          calibration_images=CALIBRATION)  # fmt: skip
+    assert tflite.integer_problems(blob) == [] and "LOGISTIC" in tflite.summarize(blob).ops
+    report = edge.run_tflm(blob, CALIBRATION)
+    assert report["runs"] and report["max_abs_diff_vs_litert_reference_kernels"] <= 1
+    fake_quant = np.asarray(qat_model(CALIBRATION, training=False))
+    int8_logits = TFLiteClassifier(blob).predict(CALIBRATION)
+    scale = tflite.summarize(blob).output_quantization[0]
+    assert np.abs(int8_logits - fake_quant).max() <= 0.05 * np.abs(fake_quant).max() + 2 * scale

@@ -31,13 +31,19 @@ def test_every_layer_follows_the_policy_table():
     model = tiny_model()
     qat_model = quantize.quantize_model(model)
     configs = _wrapped(qat_model)
-    base = rewrite.batch_norm_as_depthwise(quantize.to_tf_keras(model))
+    base = rewrite.batch_norm_as_depthwise(
+        rewrite.fold_last_batch_norm(quantize.to_tf_keras(model))
+    )
     folded = [layer for layer in base.layers if layer.name not in ("pixels", "preprocessing")]
     assert sorted(configs) == sorted(layer.name for layer in folded)
     for layer in folded:
         assert configs[layer.name] == quantize.QUANTIZE_POLICY[type(layer).__name__].make()
-    # every layer's output is quantized with GELU (no fused activation)
-    assert all(cfg.get_output_quantizers(None) for cfg in configs.values())
+    # every layer's output is quantized with GELU (no fused activation), but the folded last BN
+    # (an Identity: its output is its input)
+    last_bn = "blocks_1_pwconv_bn"
+    assert type(base.get_layer(last_bn)).__name__ == "Identity"
+    assert configs[last_bn].get_output_quantizers(None) == []
+    assert all(cfg.get_output_quantizers(None) for name, cfg in configs.items() if name != last_bn)
 
 
 def test_fused_relu_has_no_quantizer_before_it():
@@ -124,7 +130,8 @@ def test_qat_tflite_is_fully_int8_and_agrees():
             dequantized = (values * scales[:, None]).T
         np.testing.assert_allclose(dequantized, expected, rtol=1e-5, atol=1e-6)
         checked += 1
-    assert checked == 2 * 3 + 1 + 1  # per block: k x k conv + 2 BNs; the stem BN; the head
+    # per block: k x k conv + 2 BNs, but the last BN is folded into the head; the stem BN; the head
+    assert checked == 2 * 3 - 1 + 1 + 1
     # every bias: the fake-quant model adds exactly the .tflite's int32 bias (finetune snaps them
     # to the input_scale x weight_scale grid; unsnapped they differ by up to half a step)
     snapped = 0
@@ -143,7 +150,8 @@ def test_qat_tflite_is_fully_int8_and_agrees():
             bias.numpy(), dequantized, rtol=1e-6, atol=0, err_msg=wrapper.name
         )
         snapped += 1
-    assert snapped == 1 + 1 + 2 * 4 + 1  # stem conv and BN, per block 2 convs + 2 BNs, head
+    # stem conv and BN, per block 2 convs + 2 BNs (the last BN folded into the head), head
+    assert snapped == 1 + 1 + 2 * 4 - 1 + 1
     assert max(quantize.snap_biases(qat_model).values()) == 0  # idempotent
 
 
@@ -180,7 +188,7 @@ def test_calibration_sets_every_range_before_fine_tuning():
     qat_model = quantize.quantize_model(model, calibration_images=images)
     # the float model QAT was built from, probed independently
     float_model = rewrite.batch_norm_as_depthwise(
-        rewrite.fold_preprocessing(model, keras_module="tf_keras")
+        rewrite.fold_last_batch_norm(rewrite.fold_preprocessing(model, keras_module="tf_keras"))
     )
     checked = 0
     for wrapper in qat_model.layers:
@@ -197,7 +205,8 @@ def test_calibration_sets_every_range_before_fine_tuning():
             np.testing.assert_allclose(variables["kernel_max:0"], channel_max, rtol=1e-6)
             np.testing.assert_allclose(variables["kernel_min:0"], -channel_max, rtol=1e-6)
         checked += 1
-    assert checked == 3 + 2 * 7 + 2  # stem (conv, act, BN), per block 7, pooling and head
+    # stem (conv, act, BN), per block 7 (the last BN folded into the head), pooling and head
+    assert checked == 3 + 2 * 7 - 1 + 2
     # so the fake-quant model is already close to the float one before any fine-tuning
     fake_quant, ref = keras_logits(qat_model, images), keras_logits(model, images)
     assert np.abs(fake_quant - ref).max() <= 0.1 * np.abs(ref).max()
