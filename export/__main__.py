@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qat-batch-size", type=int, default=64)
     parser.add_argument(
         "--depthwise-tile", default="auto",
-        help="auto (3x3 tiles for kernels > 5; not for qat), none, or a tile size",
+        help="auto (3x3 tiles for kernels > 5, qat included; the edge targets get the untiled "
+        "graph from int8), none, or a tile size",
     )  # fmt: skip
     parser.add_argument(
         "--batch-norm", choices=BATCH_NORM_MODES, default="depthwise",

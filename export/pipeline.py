@@ -354,7 +354,11 @@ def export_model(
             if batches < 0:
                 raise ValueError("The training data's size is unknown: give qat_steps.")
             steps = max(1, math.ceil(qat_epochs * batches))
-        qat_model = quantize.quantize_model(model, calibration_images=calibration)
+        tile = parse_depthwise_tile(depthwise_tile)
+        qat_model = quantize.quantize_model(
+            model, calibration_images=calibration,
+            depthwise_tile=tflite.DEFAULT_DEPTHWISE_TILE if tile == "auto" else tile,
+        )  # fmt: skip
         fine_tune = quantize.finetune(
             qat_model, train_ds, steps=steps, learning_rate=qat_lr, verbose=verbose
         )
@@ -404,6 +408,8 @@ def export_model(
                 model, fmt, calibration_images=calibration, io_type=io_type,
                 depthwise_tile=None, class_names=class_names, batch_norm=batch_norm,
             )  # fmt: skip
+        # A QAT file's tiles were fine-tuned as tiles: the edge tools get it as it is (for the
+        # untiled graph they prefer, export qat with depthwise_tile none).
         report["targets"] = _check_targets(
             edge_blob, targets, output, main_output=edge_blob is blob, images=calibration,
             tflm_images=tflm_images, vela_options=dict(system_config=vela_system_config,

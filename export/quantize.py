@@ -61,11 +61,16 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 )
 
 import convmixer_tf
-from export.rewrite import batch_norm_as_depthwise, fold_last_batch_norm
+from export.rewrite import batch_norm_as_depthwise, fold_last_batch_norm, tile_depthwise
 from export.rewrite import fold_preprocessing as fold_input_normalization
 
 _quantizers = tfmot.quantization.keras.quantizers
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+
+# XNNPACK's fast depthwise kernels stop at 5x5; larger ones are tiled into 3x3 convs (the
+# fastest tiling measured, docs/performance.md). export.tflite uses the same two numbers.
+FAST_DEPTHWISE_KERNEL = 5
+DEFAULT_DEPTHWISE_TILE = 3
 
 # The raw-pixel input range: with 8 bits, [0, 255] gives scale 1 and maps pixels exactly onto
 # the integer grid (uint8 q = pixel; int8 q = pixel - 128).
@@ -236,6 +241,10 @@ QUANTIZE_POLICY: dict[str, _Policy] = {
     "Add": _Policy(OutputQuantizeConfig),
     # The last BatchNorm, folded into the classifier (export.rewrite.fold_last_batch_norm).
     "Identity": _Policy(PassThroughQuantizeConfig),
+    # The padding and windows of tiled depthwise convs (export.rewrite.tile_depthwise): TFLite's
+    # int8 PAD and STRIDED_SLICE keep their input's quantization.
+    "ZeroPadding2D": _Policy(PassThroughQuantizeConfig),
+    "Cropping2D": _Policy(PassThroughQuantizeConfig),
     "GlobalAveragePooling2D": _Policy(OutputQuantizeConfig),
     "GlobalMaxPooling2D": _Policy(OutputQuantizeConfig),
     # Per output channel, as the converter quantizes FULLY_CONNECTED weights (TF 2.21).
@@ -335,6 +344,7 @@ def quantize_model(
     calibration_images: np.ndarray | None = None,
     batch_size: int | None = None,
     fold_preprocessing: bool = True,
+    depthwise_tile: int | None = DEFAULT_DEPTHWISE_TILE,
 ) -> tf_keras.Model:
     """Returns the fake-quantized tf_keras model (QAT-ready) of a Keras 3 or tf_keras ConvMixer.
 
@@ -342,7 +352,10 @@ def quantize_model(
     default, see :func:`export.rewrite.fold_preprocessing`), its last BatchNorm folded into the
     classifier (:func:`export.rewrite.fold_last_batch_norm`, as for PTQ), its other BatchNorms
     turned into the equal 1x1 depthwise convs (:func:`export.rewrite.batch_norm_as_depthwise`:
-    QAT then fine-tunes them as frozen-statistics affines, the usual BN folding of QAT),
+    QAT then fine-tunes them as frozen-statistics affines, the usual BN folding of QAT), its
+    depthwise convs larger than 5x5 tiled into ``depthwise_tile`` x ``depthwise_tile`` ones
+    (:func:`export.rewrite.tile_depthwise`, the graph PTQ converts: each tile and partial sum
+    gets its own fake quantization, as the int8 graph computes them; None keeps them whole),
     annotated from
     :data:`QUANTIZE_POLICY`, and its input quantizer set to the raw pixel range [0, 255]
     (:data:`PIXEL_RANGE`).
@@ -365,6 +378,8 @@ def quantize_model(
     else:
         model = to_tf_keras(model, batch_size=batch_size)
     model = batch_norm_as_depthwise(fold_last_batch_norm(model))
+    if depthwise_tile is not None:
+        model = tile_depthwise(model, tile=depthwise_tile, max_kernel=FAST_DEPTHWISE_KERNEL)
     with quantize_scope():
         qat_model = tfmot.quantization.keras.quantize_apply(
             annotate(model), scheme=ConvMixerQuantizeScheme()
@@ -502,6 +517,12 @@ def _output_scale(layer) -> float:
     """The int8 scale TFLite gives the output of a QAT layer: (max - min) / 255 of its output
     quantizer's range, widened to contain 0 as the converter does."""
     mins, maxs = _range_weights(layer)
+    if (not mins or not maxs) and isinstance(
+        getattr(layer, "quantize_config", None), PassThroughQuantizeConfig
+    ):
+        # Padding, windows, Identity: the output keeps the input's quantization.
+        (inbound,) = tf.nest.flatten(layer.inbound_nodes[0].inbound_layers)
+        return _output_scale(inbound)
     if not mins or not maxs:
         raise ValueError(
             f"Layer {layer.name!r} has no output quantizer: its int8 scale is unknown."

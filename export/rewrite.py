@@ -4,18 +4,18 @@
   conv (valid padding, stride = kernel, so the fold is exact). The .tflite then takes raw pixels
   straight into its first CONV_2D: no SUB/MUL, and with int8 input the pixels map exactly onto the
   int8 grid.
-- :func:`tile_depthwise`: replaces k x k depthwise convs (k > ``max_kernel``) by
-  :class:`TiledDepthwiseConv2D`, a sum of t x t depthwise convs over shifted views of the padded
-  input. XNNPACK has fast depthwise kernels only up to 5x5, so a 9x9 conv written as four 5x5
-  (or nine 3x3) convs runs much faster, with the same result up to float summation order.
+- :func:`tile_depthwise`: replaces k x k depthwise convs (k > ``max_kernel``) by a sum of t x t
+  depthwise convs over shifted windows of the padded input, in stock layers. XNNPACK has fast
+  depthwise kernels only up to 5x5, so a 9x9 conv written as nine 3x3 convs runs much faster,
+  with the same result up to float summation order.
 
 Example:
     >>> import convmixer_tf
     >>> from export import rewrite
     >>> model = convmixer_tf.ConvMixer(16, 1, 9, 2, input_shape=(16, 16, 3), num_classes=10)
     >>> fast = rewrite.tile_depthwise(rewrite.fold_preprocessing(model), tile=5)
-    >>> fast.get_layer("blocks_0_dwconv").__class__.__name__
-    'TiledDepthwiseConv2D'
+    >>> fast.get_layer("blocks_0_dwconv_tile_1_1").__class__.__name__
+    'DepthwiseConv2D'
 """
 
 from __future__ import annotations
@@ -27,99 +27,6 @@ import numpy as np
 import tf_keras
 
 import convmixer_tf
-
-
-@keras.saving.register_keras_serializable(package="convmixer_export")
-class TiledDepthwiseConv2D(keras.layers.Layer):
-    """A "same"-padded k x k depthwise conv (stride 1, bias) computed as t x t tiles.
-
-    The k x k kernel, zero-extended to a multiple of ``tile``, is cut into ``ceil(k/t)**2``
-    tiles, held as separate weights ``tile_{row}_{col}`` of shape ``(t, t, channels, 1)`` (so the
-    converter sees plain constant filters); each tile is a "valid" t x t depthwise conv over a
-    shifted window of the input padded once, and the partial results are summed. Mathematically
-    identical to ``DepthwiseConv2D(k, padding="same")``; :meth:`set_kernel` takes that layer's
-    weights.
-
-    Args:
-        kernel_size: k.
-        tile: t, the size of the small convs (5 runs fast in XNNPACK).
-
-    Example:
-        >>> layer = TiledDepthwiseConv2D(kernel_size=9, tile=5)
-        >>> tuple(layer(np.zeros((1, 8, 8, 4), "float32")).shape)
-        (1, 8, 8, 4)
-    """
-
-    def __init__(self, kernel_size: int, tile: int, **kwargs):
-        # kwargs: only the base Layer's (name, dtype, trainable), checked by keras.Layer.
-        super().__init__(**kwargs)
-        if tile < 1 or kernel_size < 1:
-            raise ValueError(
-                f"`kernel_size` and `tile` must be >= 1. Received: kernel_size={kernel_size}, "
-                f"tile={tile}"
-            )
-        self.kernel_size = int(kernel_size)
-        self.tile = int(tile)
-        self.tiles_per_side = math.ceil(self.kernel_size / self.tile)
-
-    def build(self, input_shape):
-        channels = input_shape[-1]
-        t = self.tile
-        self.tile_kernels = [
-            [
-                self.add_weight(name=f"tile_{row}_{col}", shape=(t, t, channels, 1))
-                for col in range(self.tiles_per_side)
-            ]
-            for row in range(self.tiles_per_side)
-        ]
-        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
-
-    def set_kernel(self, kernel: np.ndarray, bias: np.ndarray) -> None:
-        """Sets the tiles from a ``DepthwiseConv2D`` kernel ``(k, k, channels, 1)`` and bias."""
-        k, t, n = self.kernel_size, self.tile, self.tiles_per_side
-        if kernel.shape[:2] != (k, k):
-            raise ValueError(
-                f"{self.name}: expected a {k}x{k} kernel. Received: shape {kernel.shape}"
-            )
-        extended = np.zeros((n * t, n * t, *kernel.shape[2:]), kernel.dtype)
-        extended[:k, :k] = kernel
-        for row in range(n):
-            for col in range(n):
-                self.tile_kernels[row][col].assign(
-                    extended[row * t : (row + 1) * t, col * t : (col + 1) * t]
-                )
-        self.bias.assign(bias)
-
-    def call(self, inputs):
-        k, t, n = self.kernel_size, self.tile, self.tiles_per_side
-        height, width = inputs.shape[1], inputs.shape[2]
-        if height is None or width is None:
-            raise ValueError(
-                f"{self.name}: TiledDepthwiseConv2D needs a static height and width. "
-                f"Received: input shape {inputs.shape}"
-            )
-        # TensorFlow's "same": total padding k - 1, the smaller half on top/left; then zeros for
-        # the kernel's extension to n * t.
-        before = (k - 1) // 2
-        after = k - 1 - before + (n * t - k)
-        padded = keras.ops.pad(inputs, [[0, 0], [before, after], [before, after], [0, 0]])
-        out = None
-        for row in range(n):
-            for col in range(n):
-                window = padded[
-                    :, row * t : row * t + height + t - 1, col * t : col * t + width + t - 1, :
-                ]
-                part = keras.ops.depthwise_conv(
-                    window, self.tile_kernels[row][col], strides=1, padding="valid"
-                )
-                out = part if out is None else out + part
-        return out + self.bias
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "tile": self.tile}
 
 
 def fold_preprocessing(model, *, keras_module: str = "keras", batch_size: int | None = None):
@@ -196,43 +103,128 @@ def _clone_replacing(model, replacement, load_replaced):
     return clone
 
 
-def tile_depthwise(model: keras.Model, tile: int = 5, max_kernel: int = 5) -> keras.Model:
-    """Returns ``model`` with every depthwise conv larger than ``max_kernel`` tiled.
+def _module(model):
+    return tf_keras if isinstance(model, tf_keras.Model) else keras
 
-    The result computes the same function (float summation order aside). Models without such
-    convs are returned unchanged.
+
+def _parents(layer, module) -> list:
+    """The layers whose outputs ``layer`` was called on, in argument order (its first call)."""
+    if module is tf_keras:
+        inbound = layer.inbound_nodes[0].inbound_layers
+        return list(inbound) if isinstance(inbound, list | tuple) else [inbound]
+    # Keras 3 keeps a node's parents on the private `_inbound_nodes` (no public accessor).
+    return [parent.operation for parent in layer._inbound_nodes[0].parent_nodes]
+
+
+def tile_depthwise(model, tile: int = 3, max_kernel: int = 5):
+    """Returns ``model`` with every depthwise conv larger than ``max_kernel`` tiled, in stock
+    layers (Keras 3 or tf_keras, as ``model``).
+
+    A "same" k x k depthwise conv (stride 1) becomes: one ``ZeroPadding2D`` (TensorFlow's "same"
+    padding, plus zeros for the kernel's extension to a multiple of t), then per t x t tile a
+    ``Cropping2D`` window of it and a "valid" t x t ``DepthwiseConv2D`` (the first one carries
+    the bias), summed by ``Add`` layers: PAD, STRIDED_SLICE, DEPTHWISE_CONV_2D and ADD in the
+    .tflite. XNNPACK's fast depthwise kernels stop at 5x5 (docs/performance.md: 109.5 ms plain
+    against 15.8 ms in 3x3 tiles for ConvMixer-1024/20's depthwise part). Because every piece is
+    a stock layer, tensorflow-model-optimization quantizes each tile and each partial sum as
+    the int8 graph computes them, so a QAT export is tiled too (:mod:`export.quantize`).
+
+    The result computes the same function (float summation order aside); a model without
+    such convs is returned as it is. Layers keep their names; the tiles of ``blocks_0_dwconv``
+    are ``blocks_0_dwconv_tile_{row}_{col}``.
 
     Example:
         >>> import convmixer_tf
         >>> model = convmixer_tf.ConvMixer(16, 1, 7, 2, input_shape=(16, 16, 3), num_classes=10)
         >>> tiled = tile_depthwise(model, tile=3)
-        >>> tiled.get_layer("blocks_0_dwconv").tile
-        3
+        >>> tiled.get_layer("blocks_0_dwconv_tile_2_2").kernel_size
+        (3, 3)
     """
+    if tile < 1:
+        raise ValueError(f"`tile` must be >= 1. Received: tile={tile}")
     convmixer_tf.model_arguments(model)
+    module = _module(model)
     large = {
         layer.name
         for layer in model.layers
-        if isinstance(layer, keras.layers.DepthwiseConv2D) and layer.kernel_size[0] > max_kernel
+        if isinstance(layer, module.layers.DepthwiseConv2D) and layer.kernel_size[0] > max_kernel
     }
     if not large:
         return model
     for name in large:
         layer = model.get_layer(name)
-        if layer.strides != (1, 1) or layer.padding != "same" or not layer.use_bias:
+        if tuple(layer.strides) != (1, 1) or layer.padding != "same" or not layer.use_bias:
             raise ValueError(
                 f"Depthwise layer {name!r} cannot be tiled: needs stride 1, 'same' padding and a "
                 f"bias. Received: strides={layer.strides}, padding={layer.padding!r}"
             )
+        if None in layer.input.shape[1:3]:
+            raise ValueError(
+                f"Depthwise layer {name!r} cannot be tiled without a static height and width. "
+                f"Received: input shape {layer.input.shape}"
+            )
 
-    def _replacement(layer):
+    (input_layer,) = [layer for layer in model.layers if type(layer).__name__ == "InputLayer"]
+    inputs = module.Input(batch_shape=tuple(model.input_shape), name=input_layer.name)
+    outputs = {input_layer.name: inputs}
+    weights = {}  # new layer -> its weights
+    for layer in model.layers:
+        if layer is input_layer:
+            continue
+        args = [outputs[parent.name] for parent in _parents(layer, module)]
+        x = args[0] if len(args) == 1 else args
         if layer.name in large:
-            return TiledDepthwiseConv2D(layer.kernel_size[0], tile, name=layer.name)
-        return None
+            outputs[layer.name] = _tiled(module, layer, x, tile, weights)
+        else:
+            clone = layer.__class__.from_config(layer.get_config())
+            outputs[layer.name] = clone(x)
+            weights[clone] = layer.get_weights()
+    model_outputs = [outputs[layer.name] for layer in _output_layers(model)]
+    tiled = module.Model(inputs, model_outputs[0] if len(model_outputs) == 1 else model_outputs,
+                         name=model.name)  # fmt: skip
+    for layer, values in weights.items():
+        layer.set_weights(values)
+    return tiled
 
-    return _clone_replacing(
-        model, _replacement, lambda new, old: new.set_kernel(*old.get_weights())
-    )
+
+def _output_layers(model) -> list:
+    if isinstance(model, tf_keras.Model):
+        return list(model._output_layers)
+    return [tensor._keras_history.operation for tensor in model.outputs]
+
+
+def _tiled(module, layer, x, t: int, weights: dict):
+    """The stock-layer subgraph of one tiled k x k depthwise conv on ``x`` (see tile_depthwise)."""
+    k = layer.kernel_size[0]
+    n = math.ceil(k / t)
+    height, width = x.shape[1], x.shape[2]
+    kernel, bias = layer.get_weights()
+    extended = np.zeros((n * t, n * t, *kernel.shape[2:]), kernel.dtype)
+    extended[:k, :k] = kernel
+    # TensorFlow's "same": total padding k - 1, the smaller half on top/left; then zeros for
+    # the kernel's extension to n * t.
+    before = (k - 1) // 2
+    after = k - 1 - before + (n * t - k)
+    padded = module.layers.ZeroPadding2D(((before, after), (before, after)),
+                                         name=f"{layer.name}_pad")(x)  # fmt: skip
+    padded_height, padded_width = height + before + after, width + before + after
+    total = None
+    for row in range(n):
+        for col in range(n):
+            name = f"{layer.name}_tile_{row}_{col}"
+            top, left = row * t, col * t
+            window = module.layers.Cropping2D(
+                ((top, padded_height - (top + height + t - 1)),
+                 (left, padded_width - (left + width + t - 1))),
+                name=f"{name}_window",
+            )(padded)  # fmt: skip
+            first = total is None
+            conv = module.layers.DepthwiseConv2D(t, padding="valid", use_bias=first, name=name)
+            part = conv(window)
+            tile_kernel = extended[row * t : (row + 1) * t, col * t : (col + 1) * t]
+            weights[conv] = [tile_kernel, bias] if first else [tile_kernel]
+            total = part if first else module.layers.Add(name=f"{name}_sum")([total, part])
+    return total
 
 
 def fold_last_batch_norm(model):
@@ -249,8 +241,8 @@ def fold_last_batch_norm(model):
     Example:
         >>> import convmixer_tf
         >>> model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(16, 16, 3), num_classes=10)
-        >>> [layer.name for layer in fold_last_batch_norm(model).layers][-3:]
-        ['blocks_0_pwconv_act', 'avg_pool', 'head']
+        >>> type(fold_last_batch_norm(model).get_layer("blocks_0_pwconv_bn")).__name__
+        'Identity'
     """
     args = convmixer_tf.model_arguments(model)
     if not args["include_top"]:

@@ -39,11 +39,11 @@ from export.constants import BATCH_NORM_MODES, INTEGER_FORMATS, IO_TYPES, TFLITE
 
 # Raw pixels map exactly: scale 1, zero point by io type.
 PIXEL_QUANTIZATION = {"int8": (1.0, -128), "uint8": (1.0, 0)}
-# XNNPACK's fast depthwise kernels stop at 5x5: larger kernels are tiled.
-FAST_DEPTHWISE_KERNEL = 5
-# The tile size "auto" uses, in every format but qat: 3x3 tiles were the fastest of plain, 5x5
-# and 3x3 in fp32 and int8 (docs/export.md has the measurements).
-DEFAULT_DEPTHWISE_TILE = 3
+# XNNPACK's fast depthwise kernels stop at 5x5: larger kernels are tiled. The tile size "auto"
+# uses, in every format (qat tiles its fake-quant model, export.quantize): 3x3 tiles were the
+# fastest of plain, 5x5 and 3x3 in fp32 and int8 (docs/performance.md has the measurements).
+FAST_DEPTHWISE_KERNEL = quantize.FAST_DEPTHWISE_KERNEL
+DEFAULT_DEPTHWISE_TILE = quantize.DEFAULT_DEPTHWISE_TILE
 LABELS_METADATA = "convmixer_labels"
 # The .tflite's one signature: Interpreter.get_signature_runner()(pixels=...)["logits"].
 SIGNATURE_KEY = "serving_default"
@@ -147,7 +147,8 @@ def convert(
         calibration_images: float32 raw pixels ``(N, H, W, 3)`` from the training data (int8,
             qat); a few hundred are plenty.
         io_type: ``"int8"`` or ``"uint8"`` input and output of the int8/qat formats.
-        depthwise_tile: see :func:`prepare_keras_model` (ignored for qat).
+        depthwise_tile: see :func:`prepare_keras_model` (ignored for qat: its fake-quant model
+            is tiled already, :func:`export.quantize.quantize_model`).
         class_names: stored in the file's metadata (:data:`LABELS_METADATA`).
         batch_norm: int8 only, see :data:`BATCH_NORM_MODES` and :func:`prepare_keras_model`.
 

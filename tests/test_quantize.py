@@ -213,3 +213,30 @@ def test_calibration_sets_every_range_before_fine_tuning():
     assert (fake_quant.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
     with pytest.raises(ValueError, match="Calibration images"):
         quantize.quantize_model(model, calibration_images=np.zeros((0, 16, 16, 3)))
+
+
+@pytest.mark.slow
+def test_qat_tiles_large_kernels_and_agrees_with_its_fake_quant_model():
+    """A k9 QAT export has the tiled graph of PTQ (nine 3x3 tiles per conv, one XNNPACK
+    partition) and computes what its fake-quant model computes."""
+    from export.benchmark import xnnpack_partitions
+
+    tf_keras.utils.set_random_seed(0)
+    images = pixels(48)
+    labels = (images.mean(axis=(1, 2, 3)) // 26).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    model = tiny_model(kernel_size=9, activation="relu")  # (int8 GELU would split partitions)
+    qat_model = quantize.quantize_model(model, calibration_images=images[:16])
+    quantize.finetune(qat_model, data, steps=3, learning_rate=1e-4)
+    blob = tflite.convert(quantize.rebatch_qat_model(qat_model), "qat", calibration_images=images)
+    ptq = tflite.convert(model, "int8", calibration_images=images)
+    qat_ops, ptq_ops = tflite.summarize(blob).ops, tflite.summarize(ptq).ops
+    assert qat_ops == ptq_ops and qat_ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2 * 9
+    assert xnnpack_partitions(blob) == xnnpack_partitions(ptq) == 1
+    assert tflite.integer_problems(blob) == []
+    fake_quant = keras_logits(qat_model, images)
+    out = TFLiteClassifier(blob).predict(images)
+    scale = tflite.summarize(blob).output_quantization[0]
+    differences = np.abs(out - fake_quant) / scale
+    assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
+    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
