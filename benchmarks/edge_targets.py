@@ -58,8 +58,14 @@ def tflm_arena(blob: bytes) -> dict:
     return {"tflm_arena_bytes": totals[-1] if totals else None, "tflm": "opens"}
 
 
-def measure(name: str, model, calibration: np.ndarray, targets, trained: bool) -> list[dict]:
+def measure(name: str, model, calibration: np.ndarray, targets, trained: bool,
+            gelu: str = "exact") -> list[dict]:  # fmt: skip
     args = convmixer_tf.model_arguments(model)
+    if gelu == "sigmoid" and args["activation"] == "gelu":
+        from export import rewrite
+
+        model = rewrite.gelu_as_silu(model)  # python -m export --gelu sigmoid
+        args = convmixer_tf.model_arguments(model)
     tiles = [None, 3] if args["kernel_size"] > tflite.FAST_DEPTHWISE_KERNEL else [None]
     rows = []
     for tile in tiles:
@@ -106,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--presets", nargs="*", default=[], choices=list(convmixer_tf.PRESETS))
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=VELA_TARGETS)
     parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument(
+        "--gelu",
+        choices=("exact", "sigmoid"),
+        default="exact",
+        help="GELU models as exported with --gelu (sigmoid: TFLM can run them)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows here")
     return parser
 
@@ -118,11 +130,11 @@ def main(argv=None) -> int:
     for path in args.model:
         model = convmixer_tf.load_model(path)
         calibration = calibration_for(model, args.data_dir, args.calibration_images)
-        rows += measure(path, model, calibration, args.targets, trained=True)
+        rows += measure(path, model, calibration, args.targets, trained=True, gelu=args.gelu)
     for preset in args.presets:
         model = with_batch_norm_statistics(convmixer_tf.create_model(preset))
         calibration = calibration_for(model, None, args.calibration_images)
-        rows += measure(preset, model, calibration, args.targets, trained=False)
+        rows += measure(preset, model, calibration, args.targets, trained=False, gelu=args.gelu)
     if args.json:
         from convmixer_tf import files
 

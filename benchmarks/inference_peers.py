@@ -30,7 +30,7 @@ import convmixer_tf
 from benchmarks import REPO_ROOT
 from benchmarks.models import with_batch_norm_statistics
 from convmixer_tf import presets
-from export import tflite
+from export import quantize, rewrite, tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
 from training.measure import forward_macs
 
@@ -107,6 +107,18 @@ def benchmark_model(name: str, kernel: int | None, args) -> list[dict]:
     for tile in args.depthwise_tiles:
         blobs[f"fp32 (depthwise: {tile})"] = tflite.convert(model, "fp32", depthwise_tile=tile)
     blobs["int8"] = tflite.convert(model, "int8", calibration_images=calibration)
+    if arch_args["activation"] == "gelu":
+        # The int8-friendly GELU (export --gelu sigmoid): LOGISTIC + MUL, one XNNPACK partition.
+        silu = rewrite.gelu_as_silu(model)
+        blobs["int8, GELU as x*sigmoid(1.702x)"] = tflite.convert(
+            silu, "int8", calibration_images=calibration
+        )
+    # The QAT graph (tiled like PTQ), converted before any fine-tuning: its latency is the
+    # trained file's.
+    qat_model = quantize.quantize_model(model, calibration_images=calibration)
+    blobs["qat (no fine-tuning)"] = tflite.convert(
+        quantize.rebatch_qat_model(qat_model), "qat", calibration_images=calibration
+    )
 
     folder = tempfile.mkdtemp()
     keys = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "activation")
@@ -162,7 +174,7 @@ def benchmark_model(name: str, kernel: int | None, args) -> list[dict]:
             )
     ort = {r["format"]: r["ms"] for r in rows if r["engine"].startswith("ONNX Runtime")}
     for row in rows:
-        base = ort.get("int8" if row["format"] == "int8" else "fp32")
+        base = ort.get("int8" if row["format"].startswith(("int8", "qat")) else "fp32")
         row["vs_onnxruntime"] = row["ms"] / base if base else None
         row["over_fp32_bound"] = row["ms"] / bound_ms
         row.update(

@@ -78,6 +78,16 @@ def test_finetune_rejects_bad_length():
         quantize.finetune(qat_model, data, steps=0)
 
 
+def _assert_computes_the_fake_quant_model(blob, qat_model, images):
+    """int8 kernels vs fake quantization: a few output quantization steps apart, same classes."""
+    fake_quant = keras_logits(qat_model, images)
+    out = TFLiteClassifier(blob).predict(images)
+    scale = tflite.summarize(blob).output_quantization[0]
+    differences = np.abs(out - fake_quant) / scale
+    assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
+    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+
+
 @pytest.mark.slow
 def test_qat_tflite_is_fully_int8_and_agrees():
     tf_keras.utils.set_random_seed(0)  # deterministic init and shuffling: a reproducible check
@@ -94,13 +104,7 @@ def test_qat_tflite_is_fully_int8_and_agrees():
     assert tflite.integer_problems(blob) == [] and summary.float_tensors == ()
     assert "QUANTIZE" not in summary.ops and "DEQUANTIZE" not in summary.ops
     assert summary.input_quantization == (1.0, -128)
-    fake_quant = keras_logits(qat_model, images)
-    out = TFLiteClassifier(blob).predict(images)
-    scale = tflite.summarize(blob).output_quantization[0]
-    # int8 kernels vs fake quantization: a few output quantization steps apart, same classes
-    differences = np.abs(out - fake_quant) / scale
-    assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
-    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+    _assert_computes_the_fake_quant_model(blob, qat_model, images)
     # depthwise (k x k and the BNs) and Dense weights: per-channel scales in the .tflite, and
     # the .tflite computes with exactly the fake-quant model's weights
     tensors = TFLiteClassifier(blob).interpreter
@@ -234,9 +238,4 @@ def test_qat_tiles_large_kernels_and_agrees_with_its_fake_quant_model():
     assert qat_ops == ptq_ops and qat_ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2 * 9
     assert xnnpack_partitions(blob) == xnnpack_partitions(ptq) == 1
     assert tflite.integer_problems(blob) == []
-    fake_quant = keras_logits(qat_model, images)
-    out = TFLiteClassifier(blob).predict(images)
-    scale = tflite.summarize(blob).output_quantization[0]
-    differences = np.abs(out - fake_quant) / scale
-    assert differences.mean() <= 2 and differences.max() <= 8, differences.max()
-    assert (out.argmax(-1) == fake_quant.argmax(-1)).mean() >= 0.95
+    _assert_computes_the_fake_quant_model(blob, qat_model, images)
