@@ -220,22 +220,28 @@ def test_calibration_sets_every_range_before_fine_tuning():
 
 
 @pytest.mark.slow
-def test_qat_tiles_large_kernels_and_agrees_with_its_fake_quant_model():
-    """A k9 QAT export has the tiled graph of PTQ (nine 3x3 tiles per conv, one XNNPACK
-    partition) and computes what its fake-quant model computes."""
+@pytest.mark.parametrize(("activation", "kernel_size"), [("relu", 3), ("gelu", 9)])
+def test_int8_and_qat_share_the_graph_and_qat_agrees(activation, kernel_size):
+    """A ReLU/k3 and a GELU/k9 model through int8 and qat: the same ops and XNNPACK partitions
+    (a k9 QAT file is tiled as PTQ: nine 3x3 tiles per conv), and the QAT file computes what
+    its fake-quant model computes."""
     from export.benchmark import xnnpack_partitions
 
     tf_keras.utils.set_random_seed(0)
     images = pixels(48)
     labels = (images.mean(axis=(1, 2, 3)) // 26).astype("int32")
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
-    model = tiny_model(kernel_size=9, activation="relu")  # (int8 GELU would split partitions)
+    model = tiny_model(kernel_size=kernel_size, activation=activation)
     qat_model = quantize.quantize_model(model, calibration_images=images[:16])
     quantize.finetune(qat_model, data, steps=3, learning_rate=1e-4)
     blob = tflite.convert(quantize.rebatch_qat_model(qat_model), "qat", calibration_images=images)
     ptq = tflite.convert(model, "int8", calibration_images=images)
     qat_ops, ptq_ops = tflite.summarize(blob).ops, tflite.summarize(ptq).ops
-    assert qat_ops == ptq_ops and qat_ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2 * 9
-    assert xnnpack_partitions(blob) == xnnpack_partitions(ptq) == 1
-    assert tflite.integer_problems(blob) == []
+    tiles = 9 if kernel_size > 5 else 1
+    # the stem's BN, 2 per block but the last (folded into the head), the k x k conv's tiles
+    assert qat_ops == ptq_ops and qat_ops.count("DEPTHWISE_CONV_2D") == 1 + 3 + 2 * tiles
+    # one partition with ReLU; the exact int8 GELU is not delegated and splits both alike
+    assert xnnpack_partitions(blob) == xnnpack_partitions(ptq)
+    assert (xnnpack_partitions(blob) == 1) == (activation == "relu")
+    assert tflite.integer_problems(blob) == tflite.integer_problems(ptq) == []
     _assert_computes_the_fake_quant_model(blob, qat_model, images)
