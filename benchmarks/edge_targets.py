@@ -52,10 +52,7 @@ def tflm_arena(blob: bytes) -> dict:
     interpreter, failure = edge._open_tflm(blob)
     if failure is not None:
         return {"tflm_arena_bytes": None, "tflm": failure["reason"]}
-    with edge._captured_fds() as log:
-        interpreter.print_allocations()
-    totals = [int(m) for line in log for m in edge._ARENA_TOTAL.findall(line)]
-    return {"tflm_arena_bytes": totals[-1] if totals else None, "tflm": "opens"}
+    return {"tflm_arena_bytes": edge.recorded_arena(interpreter), "tflm": "opens"}
 
 
 def measure(name: str, model, calibration: np.ndarray, targets, trained: bool,

@@ -36,9 +36,9 @@ def all_tensors(blob: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
     )
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
-    details = {d["name"]: d for d in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()
-    outputs = {name: [] for op in ops for name in (details_name(details, i) for i in op["outputs"])}
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    produced = [index for op in interpreter._get_ops_details() for index in op["outputs"]]
+    outputs = {index: [] for index in produced}
     for image in images:
         x = image[None]
         if inp["dtype"] != np.float32:
@@ -46,21 +46,13 @@ def all_tensors(blob: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
             x = np.clip(np.round(x / scale) + zero_point, -128, 127).astype(inp["dtype"])
         interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
-        for name in outputs:
-            d = details[name]
-            value = interpreter.get_tensor(d["index"]).astype(np.float32)
-            scale, zero_point = d["quantization"]
-            if d["dtype"] != np.float32 and scale:
+        for index, values in outputs.items():
+            value = interpreter.get_tensor(index).astype(np.float32)
+            scale, zero_point = details[index]["quantization"]
+            if details[index]["dtype"] != np.float32 and scale:
                 value = (value - zero_point) * scale
-            outputs[name].append(value)
-    return {name: np.concatenate(values) for name, values in outputs.items()}
-
-
-def details_name(details: dict, index: int) -> str:
-    for name, d in details.items():
-        if d["index"] == index:
-            return name
-    raise KeyError(index)
+            values.append(value)
+    return {details[index]["name"]: np.concatenate(values) for index, values in outputs.items()}
 
 
 def quantization_of(blob: bytes) -> dict[str, tuple[float, int]]:
@@ -74,7 +66,6 @@ def compare(fp32_blob: bytes, int8_blob: bytes, images: np.ndarray) -> list[dict
     floats = all_tensors(fp32_blob, images)
     ints = all_tensors(int8_blob, images)
     quant = quantization_of(int8_blob)
-    ops_fp32 = tflite.summarize(fp32_blob).ops
     rows = []
     for name, value in ints.items():
         if name not in floats:
@@ -90,7 +81,6 @@ def compare(fp32_blob: bytes, int8_blob: bytes, images: np.ndarray) -> list[dict
             "range": [round(float(low), 3), round(float(high), 3)],
             "float_range": [round(float(ref.min()), 3), round(float(ref.max()), 3)],
         })  # fmt: skip
-    del ops_fp32
     return rows
 
 

@@ -136,8 +136,9 @@ def run_vela(
         and Vela's estimates (inference time, cycles, SRAM and off-chip flash use, MACs).
 
     Raises:
-        ValueError: Vela is not installed, or an unknown target.
-        RuntimeError: Vela failed (its message included).
+        ValueError: Vela is not installed, an unknown target, or Vela rejected an option
+            (an unknown system configuration or memory mode).
+        RuntimeError: Vela failed otherwise (its message included).
     """
     require("vela")
     if target not in VELA_TARGETS:
@@ -165,8 +166,13 @@ def run_vela(
                                                  "config_files", "Arm", "vela.ini")]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            message = (result.stderr.strip() or result.stdout.strip()).splitlines()[-5:]
-            raise RuntimeError(f"Vela failed for {target}: {' | '.join(message)}")
+            lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            if lines and "CliOptionError" in lines[-1]:
+                # A Vela option we passed on from the user (system config, memory mode, .ini).
+                raise ValueError(
+                    f"Vela rejected an option for {target}: {lines[-1].split(': ', 1)[-1]}"
+                )
+            raise RuntimeError(f"Vela failed for {target}: {' | '.join(lines[-5:])}")
         optimized_path = os.path.join(out, "model_vela.tflite")
         summaries = [f for f in os.listdir(out) if f.endswith(".csv")]
         if not os.path.exists(optimized_path) or len(summaries) != 1:
@@ -302,14 +308,22 @@ def tflm_ops_check(blob: bytes) -> dict:
     return failure or {"runs": True, "missing_ops": []}
 
 
-def run_tflm(blob: bytes, images: np.ndarray, reference: np.ndarray | None = None) -> dict:
+def recorded_arena(interpreter) -> int:
+    """The tensor arena TFLM's allocation recorder reports for an opened interpreter (bytes)."""
+    with _captured_fds() as log:
+        interpreter.print_allocations()
+    totals = [int(m) for line in log for m in _ARENA_TOTAL.findall(line)]
+    if not totals:
+        raise RuntimeError(f"TFLite Micro printed no arena total: {log[:3]}")
+    return totals[-1]
+
+
+def run_tflm(blob: bytes, images: np.ndarray) -> dict:
     """Runs an int8/uint8 .tflite in TFLite Micro on ``images`` (raw pixels) and compares.
 
     Args:
         blob: the .tflite.
         images: raw pixels ``(N, H, W, 3)`` (real images: what the comparison is about).
-        reference: LiteRT's outputs (quantized, ``(N, classes)``) for the same images; default:
-            computed here with LiteRT's interpreter (XNNPACK, 1 thread).
 
     Returns:
         ``{"runs": True, "arena_bytes": ..., "n": ..., "bit_exact_vs_litert": ...,
@@ -317,60 +331,48 @@ def run_tflm(blob: bytes, images: np.ndarray, reference: np.ndarray | None = Non
         ..., and the same against LiteRT's reference kernels}``, or ``{"runs": False,
         "missing_ops": [...], "reason": "...", "change": "..."}`` when TFLM cannot run it.
     """
+    from export.evaluate import TFLiteClassifier
+
     require("tflm")
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, H, W, 3) batch. Received: {images.shape}")
-    summary = tflite.summarize(blob)
     interpreter, failure = _open_tflm(blob)
     if failure is not None:
         return failure
-
-    def quantize_pixels(batch):
-        scale, zero_point = summary.input_quantization
-        q = np.round(batch / scale) + zero_point
-        dtype = np.int8 if summary.input_dtype == "int8" else np.uint8
-        info = np.iinfo(dtype)
-        return np.clip(q, info.min, info.max).astype(dtype)
-
+    litert = TFLiteClassifier(blob)
+    quantized = litert.quantize_input(images)
     outputs = []
-    for image in images:
-        interpreter.set_input(quantize_pixels(image[None]), 0)
+    for image in quantized:
+        interpreter.set_input(image[None], 0)
         interpreter.invoke()
         outputs.append(np.array(interpreter.get_output(0)).reshape(-1))
     outputs = np.stack(outputs)
-    with _captured_fds() as log:
-        interpreter.print_allocations()
-    totals = [int(m) for line in log for m in _ARENA_TOTAL.findall(line)]
-    if not totals:
-        raise RuntimeError(f"TFLite Micro printed no arena total: {log[:3]}")
+    recorded = recorded_arena(interpreter)
     # The recorded total, plus the arena's alignment slack when the start address needs it:
     # the smallest of these that allocates and gives the same outputs is reported.
     arena = None
     for slack in (0, 16, 64, 256, 1024, 4096):
         try:
             with _captured_fds():
-                exact = _tflm_interpreter(blob, totals[-1] + slack)
-                exact.set_input(quantize_pixels(images[:1]), 0)
+                exact = _tflm_interpreter(blob, recorded + slack)
+                exact.set_input(quantized[:1], 0)
                 exact.invoke()
         except RuntimeError:
             continue
         if not np.array_equal(np.array(exact.get_output(0)).reshape(-1), outputs[0]):
             raise RuntimeError("TFLite Micro gave different outputs in the minimal arena.")
-        arena = totals[-1] + slack
+        arena = recorded + slack
         break
     if arena is None:
-        raise RuntimeError(f"TFLite Micro's recorded arena ({totals[-1]} bytes) does not allocate.")
+        raise RuntimeError(f"TFLite Micro's recorded arena ({recorded} bytes) does not allocate.")
 
-    quantized = quantize_pixels(images)
-    if reference is None:
-        reference = litert_outputs(blob, quantized)
     report = {"runs": True, "arena_bytes": arena, "n": int(len(images))}
-    report.update(_compare(outputs, reference, "litert"))
+    report.update(_compare(outputs, litert.raw_outputs(images), "litert"))
     # TFLM's kernels descend from TFLite's reference kernels: exactness against those tells a
     # kernel difference (XNNPACK's rounding) from a TFLM problem.
-    report.update(_compare(outputs, litert_outputs(blob, quantized, reference_kernels=True),
-                           "litert_reference_kernels"))  # fmt: skip
+    reference = TFLiteClassifier(blob, reference_kernels=True).raw_outputs(images)
+    report.update(_compare(outputs, reference, "litert_reference_kernels"))
     return report
 
 
@@ -383,28 +385,6 @@ def _compare(outputs: np.ndarray, reference: np.ndarray, name: str) -> dict:
         f"max_abs_diff_vs_{name}": int(diff.max()),
         f"top1_agreement_vs_{name}": round(agreement, 4),
     }
-
-
-def litert_outputs(
-    blob: bytes, quantized_images: np.ndarray, *, reference_kernels: bool = False
-) -> np.ndarray:
-    """LiteRT's raw (quantized) outputs for already quantized inputs, one image at a time:
-    with its default kernels (XNNPACK), or with its reference kernels."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
-    interpreter = Interpreter(
-        model_content=blob, num_threads=1, experimental_op_resolver_type=resolver
-    )
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]["index"]
-    out = interpreter.get_output_details()[0]["index"]
-    results = []
-    for image in quantized_images:
-        interpreter.set_tensor(inp, image[None])
-        interpreter.invoke()
-        results.append(interpreter.get_tensor(out).reshape(-1).copy())
-    return np.stack(results)
 
 
 def micro_chain(vela_report: dict, tflm_report: dict) -> dict:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import convmixer_tf
 from convmixer_tf import cli
@@ -36,20 +36,30 @@ class TFLiteClassifier:
     Args:
         model: path of a .tflite file or its bytes.
         num_threads: interpreter threads (ai-edge-litert's default is 1).
+        reference_kernels: run TFLite's reference kernels (no XNNPACK): what TFLite Micro's
+            kernels descend from.
 
     Example:
         >>> # clf = TFLiteClassifier("model.tflite", num_threads=2)
         >>> # logits = clf.predict(images)  # images: float32 (N, H, W, 3) in 0..255
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, num_threads: int = 1):
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        num_threads: int = 1,
+        reference_kernels: bool = False,
+    ):
+        options = {"num_threads": num_threads}
+        if reference_kernels:  # TFLite's reference kernels instead of XNNPACK / optimized ones
+            options["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
         if isinstance(model, bytes):
-            self.interpreter = Interpreter(model_content=model, num_threads=num_threads)
+            self.interpreter = Interpreter(model_content=model, **options)
         else:
             if not os.path.isfile(model):
                 raise ValueError(f"TFLite file not found: {os.fspath(model)!r}")
             try:
-                self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+                self.interpreter = Interpreter(model_path=os.fspath(model), **options)
             except ValueError as e:
                 raise ValueError(f"Cannot read {os.fspath(model)!r} as a .tflite model: {e}") from e
         self.interpreter.allocate_tensors()
@@ -73,6 +83,15 @@ class TFLiteClassifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Float logits ``(N, classes)`` for float32 pixels ``(N, H, W, 3)`` in 0..255."""
+        logits = self.raw_outputs(images).astype(np.float32)
+        if self.output["dtype"] != np.float32:
+            scale, zero_point = self.output["quantization"]
+            logits = (logits - zero_point) * scale
+        return logits
+
+    def raw_outputs(self, images: np.ndarray) -> np.ndarray:
+        """The output tensor as the model gives it (int8 for integer exports), ``(N, classes)``,
+        for float32 pixels ``(N, H, W, 3)`` in 0..255."""
         images = np.asarray(images, dtype=np.float32)
         batch = int(self.input["shape"][0])
         if images.shape[1:] != tuple(self.input["shape"][1:]):
@@ -86,13 +105,8 @@ class TFLiteClassifier:
             pad = batch - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            raw = self.invoke(self.quantize_input(chunk))[: batch - pad]
-            outputs.append(raw)
-        logits = np.concatenate(outputs).astype(np.float32)
-        if self.output["dtype"] != np.float32:
-            scale, zero_point = self.output["quantization"]
-            logits = (logits - zero_point) * scale
-        return logits
+            outputs.append(self.invoke(self.quantize_input(chunk))[: batch - pad])
+        return np.concatenate(outputs)
 
 
 def evaluate(
