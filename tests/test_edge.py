@@ -55,7 +55,7 @@ def test_vela_names_the_ops_it_leaves_on_the_cpu():
 
 
 def test_vela_reports_an_unknown_system_config(relu_int8):
-    with pytest.raises(RuntimeError, match="Vela failed for ethos-u55-128: .*No_Such_System"):
+    with pytest.raises(ValueError, match="Vela rejected an option for ethos-u55-128: .*No_Such_"):
         edge.run_vela(relu_int8, "ethos-u55-128", system_config="No_Such_System")
 
 
