@@ -135,11 +135,12 @@ def _check_targets(blob, targets, output, *, main_output, images, tflm_images, v
     from export import edge
     from export.constants import TFLM_TARGET
 
+    graph = "the main output" if main_output else "untiled depthwise convs"
     reports = {}
     tflm = None
     if TFLM_TARGET in targets:
         tflm = edge.run_tflm(blob, images[:tflm_images])
-        tflm["graph"] = "the main output" if main_output else "untiled depthwise convs"
+        tflm["graph"] = graph
         if output is not None and not main_output:
             path = edge.target_path(output, TFLM_TARGET)
             files.write_atomic(path, blob)
@@ -151,7 +152,7 @@ def _check_targets(blob, targets, output, *, main_output, images, tflm_images, v
         if target == TFLM_TARGET:
             continue
         optimized, vela = edge.run_vela(blob, target, **vela_options)
-        vela["graph"] = "the main output" if main_output else "untiled depthwise convs"
+        vela["graph"] = graph
         if output is not None:
             path = edge.target_path(output, target)
             files.write_atomic(path, optimized)
@@ -323,6 +324,7 @@ def export_model(
     if output is not None:
         output = files.check_writable(output)
     model = fixed_input_model(model, input_size)
+    tile = parse_depthwise_tile(depthwise_tile)
     if gelu == "sigmoid":
         from export import rewrite
 
@@ -354,7 +356,6 @@ def export_model(
             if batches < 0:
                 raise ValueError("The training data's size is unknown: give qat_steps.")
             steps = max(1, math.ceil(qat_epochs * batches))
-        tile = parse_depthwise_tile(depthwise_tile)
         qat_model = quantize.quantize_model(
             model, calibration_images=calibration,
             depthwise_tile=tflite.DEFAULT_DEPTHWISE_TILE if tile == "auto" else tile,
@@ -370,7 +371,7 @@ def export_model(
         fmt,
         calibration_images=calibration,
         io_type=io_type,
-        depthwise_tile=parse_depthwise_tile(depthwise_tile),
+        depthwise_tile=tile,
         class_names=class_names,
         batch_norm=batch_norm,
     )
@@ -403,7 +404,7 @@ def export_model(
         report["edgetpu"] = tflite.edgetpu_report(blob)
     if targets:
         edge_blob = blob
-        if depthwise_tile == "auto" and fmt != "qat" and tflite.has_tiled_depthwise(model):
+        if tile == "auto" and fmt != "qat" and tflite.has_tiled_depthwise(model):
             edge_blob = tflite.convert(
                 model, fmt, calibration_images=calibration, io_type=io_type,
                 depthwise_tile=None, class_names=class_names, batch_norm=batch_norm,

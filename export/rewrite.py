@@ -29,6 +29,11 @@ import tf_keras
 import convmixer_tf
 
 
+def _module(model):
+    """The Keras (3 or tf_keras) that built ``model``."""
+    return tf_keras if isinstance(model, tf_keras.Model) else keras
+
+
 def fold_preprocessing(model, *, keras_module: str = "keras", batch_size: int | None = None):
     """Returns an equivalent ConvMixer whose stem conv includes the input normalization.
 
@@ -71,7 +76,7 @@ def _clone_replacing(model, replacement, load_replaced):
     ``load_replaced(new, old)`` sets a new layer's weights from the old one's; every other layer
     gets its source's weights.
     """
-    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    module = _module(model)
     replaced = set()
 
     def _clone(layer):
@@ -101,10 +106,6 @@ def _clone_replacing(model, replacement, load_replaced):
         else:
             layer.set_weights(source.get_weights())
     return clone
-
-
-def _module(model):
-    return tf_keras if isinstance(model, tf_keras.Model) else keras
 
 
 def _parents(layer, module) -> list:
@@ -247,7 +248,7 @@ def fold_last_batch_norm(model):
     args = convmixer_tf.model_arguments(model)
     if not args["include_top"]:
         return model
-    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    module = _module(model)
     last = f"blocks_{args['depth'] - 1}_pwconv_bn" if args["depth"] else "stem_bn"
     norm = model.get_layer(last)
     if not isinstance(norm, module.layers.BatchNormalization):
@@ -295,7 +296,7 @@ def gelu_as_silu(model, alpha: float = SIGMOID_GELU_ALPHA):
             f"Only a GELU ConvMixer has a sigmoid-GELU form. Received activation "
             f"{args['activation']!r} in model {model.name!r}."
         )
-    keras_module = "tf_keras" if isinstance(model, tf_keras.Model) else "keras"
+    keras_module = _module(model).__name__  # "keras" or "tf_keras"
     silu = convmixer_tf.rebuild(
         model, keras_module=keras_module, batch_size=model.input_shape[0], activation="silu"
     )
@@ -333,7 +334,7 @@ def batch_norm_as_depthwise(model):
         'DepthwiseConv2D'
     """
     convmixer_tf.model_arguments(model)
-    module = tf_keras if isinstance(model, tf_keras.Model) else keras
+    module = _module(model)
     norms = {
         layer.name: layer
         for layer in model.layers
