@@ -32,21 +32,7 @@ from benchmarks.models import with_batch_norm_statistics
 from convmixer_tf import presets
 from export import quantize, rewrite, tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
-from training.measure import forward_macs
-
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+from training.measure import cpu_flags, forward_macs
 
 
 def torch_state(model, depth: int) -> dict[str, np.ndarray]:
@@ -222,7 +208,7 @@ def main(argv=None) -> list[dict]:
     args.depthwise_tiles = [None if t == "none" else t if t == "auto" else int(t)
                             for t in args.depthwise_tiles]  # fmt: skip
     rows = [row for name in args.models for row in benchmark_model(name, args.kernel, args)]
-    text = table(rows, cpu_flags())
+    text = table(rows, cpu_flags() or [])
     print(text)
     if args.output:
         from convmixer_tf import files

@@ -39,52 +39,26 @@ def batch_norm(keras, name: str, epsilon: float, momentum: float, synchronized: 
     return layer_class(epsilon=epsilon, momentum=momentum, name=name)
 
 
-def _reduction_axes(x: tf.Tensor) -> list[int]:
-    return list(range(len(x.shape) - 1))
+def _float32(x: tf.Tensor) -> tf.Tensor:
+    """``tf.cast(x, tf.float32)``, for use inside the XLA functions below. A bfloat16 is the
+    upper half of a float32: shifting its bits is the exact conversion, and XLA's CPU code runs
+    it faster than a ``convert`` (docs/performance.md)."""
+    if x.dtype == tf.bfloat16:
+        bits = tf.cast(tf.bitcast(x, tf.uint16), tf.uint32)
+        return tf.bitcast(tf.bitwise.left_shift(bits, 16), tf.float32)
+    return tf.cast(x, tf.float32)
 
 
-@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-def _batch_norm_forward(x, gamma, beta, shift, epsilon):
-    # One pass for both statistics: the sums of (x - shift) and of its square. Shifting by an
-    # estimate of the mean (the moving mean) keeps E[d^2] - E[d]^2 free of cancellation.
-    rows = tf.reshape(x - shift, (-1, tf.shape(x)[-1]))
-    shifted_mean = tf.reduce_mean(rows, 0)
-    variance = tf.maximum(tf.reduce_mean(tf.square(rows), 0) - tf.square(shifted_mean), 0.0)
-    mean = shift + shifted_mean
-    scale = tf.math.rsqrt(variance + epsilon) * gamma
-    return x * scale + (beta - mean * scale), mean, variance
-
-
-@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-def _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream):
-    axes = _reduction_axes(x)
-    inv_std = tf.math.rsqrt(variance + epsilon)
-    x_hat = (x - mean) * inv_std
-    d_beta = tf.reduce_sum(upstream, axes)
-    d_gamma = tf.reduce_sum(upstream * x_hat, axes)
-    count = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
-    d_x = (gamma * inv_std / count) * (count * upstream - d_beta - x_hat * d_gamma)
-    return d_x, d_gamma, d_beta
-
-
-def batch_norm_train_fused(
-    x: tf.Tensor,
-    gamma: tf.Tensor,
-    beta: tf.Tensor,
-    epsilon: float,
-    shift: tf.Tensor | None = None,
-):
-    """Training-mode BatchNorm over all axes but the last: ``(y, batch mean, batch variance)``.
+def batch_norm_train_fused(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
+    """Training-mode BatchNorm of an NHWC tensor: ``(y, batch mean, batch variance)``.
 
     ``y = (x - mean) / sqrt(variance + epsilon) * gamma + beta`` with the batch's (biased)
-    statistics, as ``keras.layers.BatchNormalization(...)(x, training=True)`` computes it. The
-    forward and the backward pass (the closed-form BatchNorm gradient) are each one XLA
-    computation: two passes over ``x`` each (one for the statistics, one for the output),
-    instead of the dozen TensorFlow kernels of ``tf.nn.moments`` + ``tf.nn.batch_normalization``
-    and their gradients. ``shift``, a per-channel estimate of the mean (the layer passes its
-    moving mean), makes the one-pass variance exact to float32 rounding even when the mean is
-    large against the spread; zeros by default. The returned statistics are for the moving
-    averages; no gradient flows through them (nor into ``shift``).
+    statistics, as ``keras.layers.BatchNormalization(...)(x, training=True)`` computes it, in
+    TensorFlow's fused kernel (``FusedBatchNormV3``, oneDNN's on x86; its gradient is
+    ``FusedBatchNormGradV3``): one op per direction instead of the dozen kernels of Keras 3's
+    ``moments`` + ``batch_normalization`` and their gradients. ``x`` may be float32, float16 or
+    bfloat16 (``y`` and the gradient of ``x`` keep its dtype); ``gamma``, ``beta`` and the
+    statistics are float32. No gradient flows through the returned statistics.
 
     Example:
         >>> x = tf.random.normal((8, 4, 4, 3))
@@ -92,19 +66,14 @@ def batch_norm_train_fused(
         >>> bool(tf.reduce_max(tf.abs(tf.reduce_mean(y, [0, 1, 2]))) < 1e-5)
         True
     """
-    epsilon = tf.constant(epsilon, x.dtype)
-    shift = tf.zeros_like(gamma) if shift is None else tf.stop_gradient(shift)
-
-    @tf.custom_gradient
-    def fused(x, gamma, beta):
-        y, mean, variance = _batch_norm_forward(x, gamma, beta, shift, epsilon)
-
-        def grad(upstream, _upstream_mean, _upstream_variance):
-            return _batch_norm_backward(x, gamma, mean, variance, epsilon, upstream)
-
-        return (y, tf.stop_gradient(mean), tf.stop_gradient(variance)), grad
-
-    return fused(x, gamma, beta)
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        x, gamma, beta, epsilon=epsilon, data_format="NHWC", is_training=True
+    )[:3]
+    # The kernel returns the unbiased (Bessel-corrected) variance for the moving average;
+    # Keras' layers average the biased one, which y is normalized with.
+    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    variance = variance * tf.maximum(count - 1.0, 0.0) / count
+    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
 @functools.cache
@@ -112,8 +81,8 @@ def batch_norm_layer_class(keras):
     """Keras 3's ``BatchNormalization`` whose training pass runs :func:`batch_norm_train_fused`.
 
     Same config, weights, moving-average update and inference as the parent class; other
-    settings (masks, renorm, synchronized, axis not last, no scale or center) use the parent's
-    ``call``. Registered as ``"convmixer_tf>FusedBatchNormalization"``.
+    settings (masks, renorm, synchronized, axis not last, inputs not 4-D, no scale or center)
+    use the parent's ``call``. Registered as ``"convmixer_tf>FusedBatchNormalization"``.
 
     Example:
         >>> import keras
@@ -135,55 +104,62 @@ def batch_norm_layer_class(keras):
                 and self.center
                 and not self.renorm
                 and not self.synchronized
-                and self.axis in (-1, len(inputs.shape) - 1)
+                and len(inputs.shape) == 4
+                and self.axis in (-1, 3)
             )
             if not fusable:
                 return super().call(inputs, training=training, mask=mask)
-            # float32 statistics under mixed precision, as the parent class computes them.
-            x = tf.cast(inputs, tf.float32)
+            # float32 statistics and parameters under mixed precision, as the parent class
+            # computes them; the kernel reads and writes the compute dtype (bfloat16).
             gamma = tf.cast(self.gamma, tf.float32)
             beta = tf.cast(self.beta, tf.float32)
-            shift = tf.cast(self.moving_mean, tf.float32)
-            y, mean, variance = batch_norm_train_fused(x, gamma, beta, self.epsilon, shift)
+            y, mean, variance = batch_norm_train_fused(inputs, gamma, beta, self.epsilon)
             momentum = self.momentum
             self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
             self.moving_variance.assign(
                 self.moving_variance * momentum + variance * (1.0 - momentum)
             )
-            return tf.cast(y, self.compute_dtype)
+            return y
 
     return FusedBatchNormalization
 
 
-# Exact GELU: gelu(x) = x * Phi(x), Phi(x) = erfc(-x / sqrt(2)) / 2 (the standard normal CDF),
-# gelu'(x) = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi).
+# Exact GELU: gelu(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2 (the standard normal CDF),
+# gelu'(x) = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi). The erf form is tf.nn.gelu's and PyTorch's;
+# XLA computes it 2x faster than erfc(-x / sqrt(2)) / 2.
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+def _normal_cdf(x32: tf.Tensor) -> tf.Tensor:
+    # XLA's float32 erf stops short of +-1 (erf(-21) = -0.99999991): beyond |x| = 6, where
+    # erf(x / sqrt(2)) is +-1 in float32, take the limit so that gelu(-30) is 0 as in tf.nn.gelu.
+    erf = tf.where(tf.abs(x32) > 6.0, tf.sign(x32), tf.math.erf(x32 * _SQRT_HALF))
+    return 0.5 + 0.5 * erf
+
+
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-def _gelu_forward(x: tf.Tensor) -> tf.Tensor:
-    x32 = tf.cast(x, tf.float32)
-    return tf.cast(0.5 * x32 * tf.math.erfc(-x32 * _SQRT_HALF), x.dtype)
+def _gelu_forward(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    x32 = _float32(x)
+    return tf.cast(x32 * _normal_cdf(x32), like.dtype)
 
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
 def _gelu_backward(x: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
-    x32 = tf.cast(x, tf.float32)
-    cdf = 0.5 * tf.math.erfc(-x32 * _SQRT_HALF)
-    derivative = cdf + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
-    return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
+    x32 = _float32(x)
+    derivative = _normal_cdf(x32) + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+    return tf.cast(_float32(upstream) * derivative, x.dtype)
 
 
-@tf.custom_gradient
-def gelu_fused(x: tf.Tensor):
+def gelu_fused(x: tf.Tensor, output_dtype: tf.DType | None = None):
     """Exact (erf) GELU whose forward and backward passes are each one XLA-fused loop.
 
     The same function as ``keras.activations.gelu(x, approximate=False)`` (= ``tf.nn.gelu``),
     equal within float32 rounding, values and gradients. TensorFlow runs ``tf.nn.gelu`` as five
     elementwise kernels and its automatic gradient as about ten more, each a pass over memory;
     here each direction is one pass (XLA on this function only: whole-model ``jit_compile`` is
-    slower on CPU, whose XLA convolutions are slow). Computes in float32 for float16/bfloat16.
+    slower on CPU, whose XLA convolutions are slow). Computes in float32 for float16/bfloat16;
+    the output has ``output_dtype`` (default: ``x``'s), the gradient ``x``'s dtype.
 
     Example:
         >>> import numpy as np
@@ -192,11 +168,16 @@ def gelu_fused(x: tf.Tensor):
         True
     """
     x = tf.convert_to_tensor(x)
+    like = tf.zeros((), output_dtype or x.dtype)
 
-    def grad(upstream):
-        return _gelu_backward(x, upstream)
+    @tf.custom_gradient
+    def gelu(x):
+        def grad(upstream):
+            return _gelu_backward(x, upstream)
 
-    return _gelu_forward(x), grad
+        return _gelu_forward(x, like), grad
+
+    return gelu(x)
 
 
 @functools.cache
@@ -235,11 +216,141 @@ def gelu_layer_class(keras):
     return GELU
 
 
+# Channels per group of the grouped convolution that computes the depthwise filter gradient
+# (see depthwise_conv2d_fused). oneDNN's grouped-conv filter gradient with 8 channels per group
+# does 8x the depthwise conv's multiply-adds, yet is 2x faster in float32 and 5x in bfloat16
+# than TensorFlow's DepthwiseConv2dNativeBackpropFilter (docs/performance.md).
+_FILTER_GRAD_GROUP = 8
+
+
+def _filter_grad_group(channels: int) -> int:
+    return max(g for g in range(1, _FILTER_GRAD_GROUP + 1) if channels % g == 0)
+
+
+def depthwise_filter_gradient(x, upstream, kernel_size, padding: str = "SAME"):
+    """The gradient of ``depthwise_conv2d(x, w, stride 1)`` with respect to ``w`` (multiplier 1).
+
+    ``dW[i, j, c] = sum over n, h, w of x_padded[n, h + i, w + j, c] * upstream[n, h, w, c]``,
+    computed as the filter gradient of a grouped convolution (``g`` channels per group, each
+    output channel seeing the ``g`` inputs of its group) whose diagonal is the depthwise
+    gradient: the same sums, through oneDNN's fast grouped-convolution kernel. Returns
+    ``(kh, kw, C, 1)`` in ``x``'s dtype.
+
+    Example:
+        >>> x = tf.random.normal((2, 6, 6, 16))
+        >>> w = tf.random.normal((3, 3, 16, 1))
+        >>> with tf.GradientTape() as tape:
+        ...     tape.watch(w)
+        ...     y = tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], "SAME")
+        >>> expected = tape.gradient(y, w, output_gradients=tf.ones_like(y))
+        >>> got = depthwise_filter_gradient(x, tf.ones_like(y), (3, 3))
+        >>> bool(tf.reduce_max(tf.abs(got - expected)) < 1e-4)
+        True
+    """
+    channels = x.shape[-1]
+    group = _filter_grad_group(channels)
+    grouped = tf.raw_ops.Conv2DBackpropFilter(
+        input=x,
+        filter_sizes=(*kernel_size, group, channels),
+        out_backprop=upstream,
+        strides=[1, 1, 1, 1],
+        padding=padding,
+    )
+    # Output channel c sees input channel c at position c % group of its group: the diagonal.
+    grouped = tf.reshape(grouped, (*kernel_size, group, channels // group, group))
+    diagonal = tf.reshape(tf.eye(group, dtype=grouped.dtype), (group, 1, group))
+    return tf.reshape(tf.reduce_sum(grouped * diagonal, 2), (*kernel_size, channels, 1))
+
+
+def depthwise_conv2d_fused(x: tf.Tensor, kernel: tf.Tensor, padding: str = "SAME"):
+    """``tf.nn.depthwise_conv2d(x, kernel, stride 1, padding)`` (multiplier 1, NHWC) with a
+    faster filter gradient on CPU (:func:`depthwise_filter_gradient`); the same values and
+    input gradient (TensorFlow's own kernels).
+
+    Example:
+        >>> x = tf.random.normal((2, 6, 6, 4))
+        >>> w = tf.random.normal((5, 5, 4, 1))
+        >>> y = depthwise_conv2d_fused(x, w)
+        >>> bool(tf.reduce_max(tf.abs(y - tf.nn.depthwise_conv2d(x, w, [1] * 4, "SAME"))) == 0)
+        True
+    """
+    strides = [1, 1, 1, 1]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y = tf.nn.depthwise_conv2d(x, kernel, strides, padding)
+
+        def grad(upstream):
+            d_x = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+                input_sizes=tf.shape(x),
+                filter=kernel,
+                out_backprop=upstream,
+                strides=strides,
+                padding=padding,
+            )
+            return d_x, depthwise_filter_gradient(x, upstream, kernel.shape[:2], padding)
+
+        return y, grad
+
+    return conv(x, kernel)
+
+
+@functools.cache
+def depthwise_conv_layer_class(keras):
+    """Keras 3's ``DepthwiseConv2D`` whose filter gradient is :func:`depthwise_filter_gradient`.
+
+    Same config, weights and outputs as the parent class. Inference, and settings other than
+    stride 1, dilation 1, multiplier 1 and channels last, use the parent's ``call``. Registered as
+    ``"convmixer_tf>FusedDepthwiseConv2D"``.
+
+    Example:
+        >>> import keras
+        >>> layer = depthwise_conv_layer_class(keras)(5, padding="same")
+        >>> isinstance(layer, keras.layers.DepthwiseConv2D)
+        True
+    """
+
+    @keras.saving.register_keras_serializable(package="convmixer_tf")
+    class FusedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+        """DepthwiseConv2D with a faster filter gradient (grouped-convolution kernel)."""
+
+        def call(self, inputs, training=None):
+            fusable = (
+                training is True
+                and tuple(self.strides) == (1, 1)
+                and tuple(self.dilation_rate) == (1, 1)
+                and self.depth_multiplier == 1
+                and self.data_format == "channels_last"
+                and self.padding in ("same", "valid")
+            )
+            if not fusable:
+                return super().call(inputs)
+            kernel = tf.cast(self.kernel, self.compute_dtype)
+            outputs = depthwise_conv2d_fused(inputs, kernel, self.padding.upper())
+            if self.use_bias:
+                outputs = outputs + tf.cast(self.bias, self.compute_dtype)
+            if self.activation is not None:
+                outputs = self.activation(outputs)
+            return outputs
+
+    return FusedDepthwiseConv2D
+
+
+def depthwise_conv(keras, kernel_size: int, name: str):
+    """The blocks' depthwise convolution ("same" padding): :func:`depthwise_conv_layer_class`'s
+    subclass for Keras 3, ``DepthwiseConv2D`` for tf_keras (tensorflow-model-optimization keys
+    its quantization policy on that class). Both compute the same function."""
+    layer_class = keras.layers.DepthwiseConv2D
+    if keras.__name__ == "keras":
+        layer_class = depthwise_conv_layer_class(keras)
+    return layer_class(kernel_size, padding="same", name=name)
+
+
 def stock_class(layer):
     """The stock Keras class a fused layer extends (``Activation``, ``BatchNormalization``),
     or None for any other layer. Same config and weights: ``stock_class(layer).from_config(
     layer.get_config())`` is the layer users receive in saved files."""
-    for fused_class in (gelu_layer_class, batch_norm_layer_class):
+    for fused_class in (gelu_layer_class, batch_norm_layer_class, depthwise_conv_layer_class):
         if type(layer) is fused_class(_keras3):
             return fused_class(_keras3).__bases__[0]
     return None
@@ -261,3 +372,4 @@ def activation_layer(keras, activation: str, name: str):
 _keras3 = importlib.import_module("keras")
 gelu_layer_class(_keras3)
 batch_norm_layer_class(_keras3)
+depthwise_conv_layer_class(_keras3)

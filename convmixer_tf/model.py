@@ -61,7 +61,7 @@ def apply_block(
     """
     prefix = f"blocks_{index}"
     shortcut = x
-    x = keras.layers.DepthwiseConv2D(kernel_size, padding="same", name=f"{prefix}_dwconv")(x)
+    x = fused.depthwise_conv(keras, kernel_size, f"{prefix}_dwconv")(x)
     x = fused.activation_layer(keras, activation, f"{prefix}_dwconv_act")(x)
     x = fused.batch_norm(keras, f"{prefix}_dwconv_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(x)
     x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])

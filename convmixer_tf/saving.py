@@ -250,7 +250,9 @@ def stock_model(model):
 
     A tf_keras ConvMixer (multi-worker training) is rebuilt as Keras 3; the CPU-fused training
     layers of :mod:`convmixer_tf.fused` are swapped for the Keras classes they extend (same
-    config, same weights). The result holds no optimizer: it loads with stock Keras
+    config, same weights). A model trained with mixed precision comes back in float32 (its
+    variables were float32 all along): the file computes the same on every machine, and
+    converters see float32 layers. The result holds no optimizer: it loads with stock Keras
     (``keras.saving.load_model(path)``, ``safe_mode=True``) in a process that never imports
     this project, and computes the same function.
 
@@ -270,7 +272,10 @@ def stock_model(model):
 
     def clone(layer):
         layer_class = fused.stock_class(layer) or type(layer)
-        return layer_class.from_config(layer.get_config())
+        config = layer.get_config()
+        if "dtype" in config:  # mixed_bfloat16 -> float32, the variables' dtype
+            config["dtype"] = layer.dtype_policy.variable_dtype
+        return layer_class.from_config(config)
 
     clone = keras.models.clone_model(model, clone_function=clone)
     # clone_model compiles the clone like the source: a new Model over the same graph carries

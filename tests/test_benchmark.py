@@ -41,9 +41,10 @@ def test_matmul_peak_is_positive_and_checks_arguments():
 
 
 @pytest.mark.slow  # builds the real training pipeline and traces a training step
-def test_cli_prints_one_json_line_with_sane_values(capsys, cifar10_train_dir):
+def test_cli_prints_one_json_line_with_sane_values(capsys, cifar10_train_dir, monkeypatch):
     argv = ["--dim", "16", "--depth", "1", "--batch-size", "8", "--steps", "2"]
     argv += ["--warmup-steps", "1", "--peak-size", "256", "--data-dir", str(cifar10_train_dir)]
+    monkeypatch.setattr(benchmark, "torch_available", lambda python: False)
     assert benchmark.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -59,9 +60,15 @@ def test_cli_prints_one_json_line_with_sane_values(capsys, cifar10_train_dir):
         "steps",
         "keras_module",
         "cpu",
+        "cpu_flags",
+        "precision",
     }
     assert expected_keys <= set(record)
     assert record["batch_size"] == 8 and record["steps"] == 2 and record["dim"] == 16
+    assert record["precision"] == "float32" and record["depth"] == 1
+    assert record["cpu_flags"] == measure.cpu_flags()
+    # --peers auto without PyTorch installed: said, not an error
+    assert record["torch"].startswith("not installed")
     assert record["img_per_s"] > 0 and record["step_ms_median"] > 0
     assert 0 < record["fraction_of_peak"] < 1
     model = convmixer_tf.ConvMixer(16, 1, 5, 2, input_shape=(32, 32, 3), num_classes=10)
@@ -76,3 +83,36 @@ def test_cli_reports_bad_arguments(capsys, cifar10_train_dir):
     argv = ["--steps", "0", "--dim", "16", "--depth", "1", "--data-dir", str(cifar10_train_dir)]
     assert benchmark.main(argv) == 2
     assert "`steps`" in capsys.readouterr().err
+
+
+def test_cli_peers_torch_without_torch_is_one_line(capsys, cifar10_train_dir, monkeypatch):
+    monkeypatch.setattr(benchmark, "torch_available", lambda python: False)
+    argv = ["--dim", "16", "--depth", "1", "--batch-size", "8", "--steps", "1", "--peers", "torch"]
+    argv += ["--warmup-steps", "1", "--peak-size", "64", "--data-dir", str(cifar10_train_dir)]
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot import torch" in err and "requirements-bench.txt" in err
+    assert "Traceback" not in err
+
+
+def test_torch_availability_is_checked_in_the_given_python(tmp_path):
+    assert benchmark.torch_available(str(tmp_path / "no-such-python")) is False
+
+
+def test_mixed_precision_warns_on_cpus_without_bfloat16(monkeypatch, caplog):
+    from training import distribute
+
+    monkeypatch.setattr(distribute.tf.config, "list_physical_devices", lambda kind: [])
+    monkeypatch.setattr(measure, "cpu_flags", lambda: ["avx2", "fma"])
+    with caplog.at_level("WARNING"):
+        assert distribute.precision_policy(True) == "mixed_bfloat16"
+    assert "has none" in caplog.text and "slower than in float32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(measure, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
+    with caplog.at_level("WARNING"):
+        assert distribute.precision_policy(True) == "mixed_bfloat16"
+    assert caplog.text == ""
+    monkeypatch.setattr(measure, "cpu_flags", lambda: None)
+    with caplog.at_level("WARNING"):
+        distribute.precision_policy(True)
+    assert "could not be checked" in caplog.text

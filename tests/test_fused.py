@@ -1,5 +1,6 @@
-"""The fused training passes (exact GELU, BatchNorm): values and gradients equal Keras'
-layers', the layers' configs, serialization (safe_mode) and the Keras 3 / tf_keras builds."""
+"""The fused training passes (exact GELU, BatchNorm, depthwise filter gradient): values and
+gradients equal Keras' layers', in float32 and bfloat16, the layers' configs, serialization
+(safe_mode) and the Keras 3 / tf_keras builds."""
 
 import keras
 import numpy as np
@@ -64,23 +65,40 @@ def test_gelu_layer_training_and_inference_equal_activation_gelu():
 
 
 def test_batch_norm_fused_statistics_with_a_large_mean():
-    """The one-pass variance is exact when shifted by an estimate of the mean (the layer's moving
-    mean), where the unshifted E[x^2] - E[x]^2 loses it to float32 cancellation."""
+    """The batch statistics are exact to float32 even when the mean is large against the spread
+    (a one-pass E[x^2] - E[x]^2 would lose the variance to cancellation), and the variance is
+    the biased one Keras' layers average (the kernel returns the Bessel-corrected one)."""
     x = tf.random.stateless_normal((64, 4, 4, 3), seed=(3, 4)) * [1.0, 2.0, 0.5] + 1000.0
     expected = np.var(x.numpy().astype("float64"), axis=(0, 1, 2))
-    gamma, beta = tf.ones(3), tf.zeros(3)
-    shift = tf.constant([1000.3, 999.5, 1000.0])
-    y, mean, variance = fused.batch_norm_train_fused(x, gamma, beta, 1e-5, shift)
+    y, mean, variance = fused.batch_norm_train_fused(x, tf.ones(3), tf.zeros(3), 1e-5)
     np.testing.assert_allclose(variance.numpy(), expected, rtol=1e-4)
-    np.testing.assert_allclose(mean.numpy(), np.mean(x.numpy().astype("float64"), (0, 1, 2)))
+    np.testing.assert_allclose(
+        mean.numpy(), np.mean(x.numpy().astype("float64"), (0, 1, 2)), rtol=1e-6
+    )
     np.testing.assert_allclose(np.std(y.numpy(), axis=(0, 1, 2)), 1.0, rtol=1e-3)
-    _, _, unshifted = fused.batch_norm_train_fused(x, gamma, beta, 1e-5)
-    assert np.max(np.abs(unshifted.numpy() / expected - 1)) > 1e-2
 
 
-def test_fused_batch_norm_layer_shifts_by_its_moving_mean():
-    """The layer passes its moving mean as the shift: with a mean of 1000 its training output
-    equals Keras' (the unshifted one-pass variance would be off by far more)."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_batch_norm_fused_low_precision_keeps_dtype_and_float32_statistics(dtype):
+    x32 = tf.random.stateless_normal((8, 4, 4, 16), seed=(7, 8)) * 3 + 2
+    x = tf.cast(x32, dtype)
+    gamma, beta = tf.linspace(0.5, 1.5, 16), tf.linspace(-1.0, 1.0, 16)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, mean, variance = fused.batch_norm_train_fused(x, gamma, beta, 1e-5)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(x32))
+    d_x = tape.gradient(loss, x)
+    assert y.dtype == dtype and d_x.dtype == dtype
+    assert mean.dtype == tf.float32 and variance.dtype == tf.float32
+    ref = np.asarray(tf.cast(x, tf.float64))
+    np.testing.assert_allclose(mean.numpy(), ref.mean((0, 1, 2)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(variance.numpy(), ref.var((0, 1, 2)), rtol=1e-3)
+    expected = (ref - ref.mean((0, 1, 2))) / np.sqrt(ref.var((0, 1, 2)) + 1e-5) * gamma + beta
+    np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), expected, atol=0.05)
+
+
+def test_fused_batch_norm_layer_with_a_large_mean_equals_keras():
+    """With a mean of 1000 the training output and the moving statistics equal Keras'."""
     x = tf.random.stateless_normal((64, 4, 4, 3), seed=(5, 6)) * [1.0, 2.0, 0.5] + 1000.0
     weights = [np.ones(3), np.zeros(3), np.full(3, 999.0), np.ones(3)]
     outputs = []
@@ -88,8 +106,9 @@ def test_fused_batch_norm_layer_shifts_by_its_moving_mean():
         layer = layer_class(epsilon=1e-5, momentum=0.9)
         layer.build(x.shape)
         layer.set_weights([w.astype("float32") for w in weights])
-        outputs.append(np.asarray(layer(x, training=True)))
-    np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-3)
+        outputs.append([np.asarray(layer(x, training=True))] + layer.get_weights()[2:])
+    for fast, plain in zip(*outputs, strict=True):
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-3)
 
 
 def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
@@ -98,6 +117,8 @@ def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
     relu_synced = convmixer_tf.ConvMixer(**tiny_kwargs, activation="relu", synchronized_bn=True)
     assert type(k3.get_layer("blocks_1_pwconv_act")).__name__ == "GELU"
     assert type(k3.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
+    assert type(k3.get_layer("blocks_0_dwconv")).__name__ == "FusedDepthwiseConv2D"
+    assert type(k2.get_layer("blocks_0_dwconv")) is tf_keras.layers.DepthwiseConv2D
     assert type(k2.get_layer("blocks_1_pwconv_act")) is tf_keras.layers.Activation
     assert type(k2.get_layer("stem_bn")) is tf_keras.layers.BatchNormalization
     assert type(relu_synced.get_layer("stem_act")) is keras.layers.Activation
@@ -121,7 +142,8 @@ def test_fused_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
 
 
 def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
-    """A training step's gradients with the fused GELU and BatchNorm equal Keras' layers'."""
+    """A training step's gradients with the fused GELU, BatchNorm and depthwise conv equal
+    Keras' layers'."""
     fast = convmixer_tf.ConvMixer(**tiny_kwargs)
     monkeypatch.setattr(
         fused,
@@ -133,9 +155,15 @@ def test_model_gradients_match_keras_gelu_model(tiny_kwargs, monkeypatch):
         "batch_norm_layer_class",
         lambda keras: keras.layers.BatchNormalization,
     )
+    monkeypatch.setattr(
+        fused,
+        "depthwise_conv",
+        lambda keras, k, name: keras.layers.DepthwiseConv2D(k, padding="same", name=name),
+    )
     plain = convmixer_tf.ConvMixer(**tiny_kwargs)
     assert type(plain.get_layer("stem_act")) is keras.layers.Activation
     assert type(plain.get_layer("stem_bn")) is keras.layers.BatchNormalization
+    assert type(plain.get_layer("blocks_0_dwconv")) is keras.layers.DepthwiseConv2D
     plain.set_weights(fast.get_weights())
     x = tf.constant(np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
 
@@ -174,3 +202,58 @@ def test_fused_batch_norm_equals_keras_batch_norm_in_training():
         )
     # inference uses the moving statistics (equal up to rounding, above), as the parent class
     np.testing.assert_allclose(fast(x, training=False), plain(x, training=False), atol=1e-6)
+
+
+def depthwise_values_and_gradients(layer, x, training=True):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cos(tf.cast(y, tf.float32)))
+    return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+
+@pytest.mark.parametrize(
+    "kernel_size, channels, padding",
+    [(5, 24, "same"), (4, 10, "same"), (9, 6, "same"), (3, 7, "valid")],
+)
+def test_fused_depthwise_equals_keras_depthwise_values_and_gradients(
+    kernel_size, channels, padding
+):
+    """Groups of 8, 5, 6 and 7 channels; an even kernel ("same" pads it unevenly)."""
+    x = tf.random.stateless_normal((4, 11, 11, channels), seed=(9, kernel_size))
+    plain = keras.layers.DepthwiseConv2D(kernel_size, padding=padding)
+    fast = fused.depthwise_conv_layer_class(keras)(kernel_size, padding=padding)
+    plain.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights([w + 0.1 for w in plain.get_weights()])
+    plain.set_weights(fast.get_weights())
+    for got, expected in zip(
+        depthwise_values_and_gradients(fast, x),
+        depthwise_values_and_gradients(plain, x),
+        strict=True,
+    ):
+        scale = float(tf.reduce_max(tf.abs(expected)))
+        np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=1e-6)
+    assert fast.get_config() == {**plain.get_config(), "name": fast.name}
+
+
+def test_fused_depthwise_bfloat16_filter_gradient_is_float32_accurate():
+    """In bfloat16 the filter gradient is the float32 sum of the bfloat16 products, rounded once
+    (what TensorFlow's own bfloat16 kernel gives): checked against float64."""
+    x = tf.cast(tf.random.stateless_normal((16, 12, 12, 32), seed=(1, 1)), tf.bfloat16)
+    upstream = tf.cast(tf.random.stateless_normal((16, 12, 12, 32), seed=(2, 2)), tf.bfloat16)
+    got = fused.depthwise_filter_gradient(x, upstream, (5, 5))
+    assert got.dtype == tf.bfloat16 and got.shape == (5, 5, 32, 1)
+    x64, up64 = (np.asarray(tf.cast(t, tf.float64)) for t in (x, upstream))
+    padded = np.pad(x64, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    expected = np.stack(
+        [
+            np.stack(
+                [np.sum(padded[:, i : i + 12, j : j + 12] * up64, (0, 1, 2)) for j in range(5)]
+            )
+            for i in range(5)
+        ]
+    )[..., None]
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(np.asarray(tf.cast(got, tf.float64)) / scale, expected / scale,
+                               atol=1e-2)  # fmt: skip

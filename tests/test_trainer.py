@@ -263,3 +263,28 @@ def test_kill_9_then_rerun_resumes(cifar10_train_dir, tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["n"] == 20 and set(result) >= {"top1", "top5", "per_class"}
+
+
+def test_mixed_bfloat16_training_learns_with_float32_logits(cifar10_train_dir, tmp_path):
+    """--mixed-precision on a CPU: the fused GELU, BatchNorm and depthwise layers compute in
+    bfloat16, the logits and the loss stay float32, the loss decreases, and the deliverable is
+    the same stock float32 model as a float32 run's."""
+    config = tiny_config(
+        cifar10_train_dir, tmp_path / "run", epochs=5, mixed_precision=True, val_split=None,
+        randaugment_ops=0, scale=(1.0, 1.0), hflip=False, lr_max=0.02,
+    )  # fmt: skip
+    try:
+        training = trainer.build_training(config)
+        model = training.model
+        assert model.get_layer("blocks_0_dwconv").compute_dtype == "bfloat16"
+        assert type(model.get_layer("blocks_0_dwconv")).__name__ == "FusedDepthwiseConv2D"
+        images, _ = next(iter(training.train_ds))
+        assert model(images, training=True).dtype == "float32"
+        metrics = trainer.train(config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = [epoch["loss"] for epoch in metrics["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+    deliverable = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert {layer.dtype_policy.name for layer in deliverable.layers} == {"float32"}
+    assert deliverable(images).dtype == "float32"

@@ -29,7 +29,14 @@ before and after the timed steps (the higher is used). ``fraction_of_peak`` =
 numbers; the ratio is the comparable figure.
 
 The FLOP count and the peak are :mod:`training.measure`'s, which ``export.benchmark`` and
-``benchmarks/`` use too.
+``benchmarks/`` use too. The record names the precision (``float32`` or ``mixed_bfloat16`` on a
+CPU, ``mixed_float16`` on a GPU) and the CPU's flags that matter (AVX-512, VNNI, BF16, AMX).
+
+PyTorch in the same run: with the optional benchmark requirements (``requirements-bench.txt``)
+in this environment or in the one ``--peers-python`` names, the same model, batch and optimizer
+step (AdamW, label smoothing, clipping) are timed in PyTorch, eager float32 and eager bfloat16
+autocast, channels_last (``benchmarks/peer_training.py``), after ours; the record gains their
+img/s and ours over each (``--peers none`` skips them).
 
 Example:
     >>> from training.measure import forward_macs
@@ -46,6 +53,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -55,14 +63,17 @@ import tensorflow as tf
 
 import convmixer_tf
 from convmixer_tf import cli
+from convmixer_tf.constants import ACTIVATIONS
 from training import config as config_lib
-from training.measure import cpu_name, matmul_peak_flops, training_flops_per_image
+from training.measure import cpu_flags, cpu_name, matmul_peak_flops, training_flops_per_image
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "cifar10_convmixer_256_8"
 DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "cifar10", "train")
 DATA_MODES = ("synthetic", "real")
+PEERS = ("auto", "torch", "none")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _step_timer(keras):
@@ -142,17 +153,18 @@ def run_benchmark(
     # callbacks), which a real run pays once per epoch, not per step.
     img_per_s = batch / median
     img_per_s_wall = steps * batch / elapsed
+    arguments = convmixer_tf.model_arguments(training.model)
     return {
         "model": config.model,
-        "dim": training.model.get_layer("stem_conv").get_config()["filters"],
+        **{key: arguments[key] for key in ("dim", "depth", "kernel_size", "patch_size")},
+        "num_classes": arguments["num_classes"],
         "image_size": config.image_size,
         "batch_size": batch,
         "steps": steps,
         "data": data,
         "keras_module": training.config.keras_module,
-        "activation": training.config.activation
-        or convmixer_tf.get_preset(config.model).activation,
-        "precision": "mixed" if config.mixed_precision else "float32",
+        "activation": arguments["activation"],
+        "precision": training.keras.mixed_precision.global_policy().name,
         "img_per_s": round(img_per_s, 2),
         "img_per_s_wall": round(img_per_s_wall, 2),
         "step_ms_median": round(1000 * median, 1),
@@ -163,9 +175,68 @@ def run_benchmark(
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def torch_peer(record: dict[str, Any], config, python: str, steps: int, warmup: int) -> dict:
+    """PyTorch's eager float32 and bfloat16-autocast img/s for the model ``record`` timed, from
+    ``benchmarks/peer_training.py`` run by ``python``; raises RuntimeError if it fails."""
+    arch = {key: record[key] for key in ("dim", "depth", "kernel_size", "patch_size")}
+    arch.update(num_classes=record["num_classes"], activation=record["activation"])
+    command = [
+        python, "-m", "benchmarks.peer_training", "--arch", json.dumps(arch),
+        "--image-size", str(record["image_size"]), "--batch-size", str(record["batch_size"]),
+        "--steps", str(steps), "--warmup-steps", str(warmup),
+        "--threads", str(tf.config.threading.get_intra_op_parallelism_threads()),
+        "--lr", str(config.lr_max), "--weight-decay", str(config.weight_decay),
+        "--clip-norm", str(config.clip_norm or 1e30),
+        "--label-smoothing", str(config.label_smoothing),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"PyTorch's run failed ({python}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def torch_available(python: str) -> bool:
+    """Whether ``python`` can import torch (the optional benchmark requirements)."""
+    try:
+        return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def check_peers(args: argparse.Namespace) -> bool:
+    """Whether PyTorch will be timed; ``--peers torch`` without it is a ValueError, raised
+    before any work."""
+    if args.peers == "none":
+        return False
+    available = torch_available(args.peers_python)
+    if args.peers == "torch" and not available:
+        raise ValueError(
+            f"--peers torch: {args.peers_python} cannot import torch. Install the benchmark "
+            "requirements (pip install -r requirements-bench.txt) or pass --peers-python."
+        )
+    return available
+
+
+def add_peers(record: dict[str, Any], config, args, available: bool) -> dict[str, Any]:
+    """Adds PyTorch's img/s and our ratios to ``record`` (see the module docstring)."""
+    if args.peers == "none":
+        return record
+    if not available:
+        record["torch"] = "not installed (pip install -r requirements-bench.txt)"
+        return record
+    peer = torch_peer(record, config, args.peers_python, args.steps, args.warmup_steps)
+    record["torch"] = peer["torch"]
+    for precision in ("float32", "autocast_bf16"):
+        rate = peer[f"torch_{precision}_img_per_s"]
+        record[f"torch_{precision}_img_per_s"] = rate
+        record[f"ours_over_torch_{precision}"] = round(record["img_per_s"] / rate, 3)
+    return record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--kernel-size", type=int, default=None)
     parser.add_argument("--patch-size", type=int, default=None)
-    parser.add_argument("--activation", choices=("gelu", "relu"), default=None)
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=None)
     parser.add_argument(
         "--keras-module",
         choices=config_lib.TRAINING_KERAS_MODULES,
@@ -198,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intra-op-threads", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--inter-op-threads", type=int, default=0, help="0: TensorFlow's default")
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    parser.add_argument(
+        "--peers",
+        choices=PEERS,
+        default="auto",
+        help="time PyTorch in the same run: auto (when installed, default), torch (required), none",
+    )
+    parser.add_argument(
+        "--peers-python",
+        default=sys.executable,
+        help="the Python of the environment with requirements-bench.txt (default: this one)",
+    )
     cli.add_debug_argument(parser)
     return parser
 
@@ -232,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     config = config_from_args(args)
+    peers = check_peers(args)
     record = run_benchmark(config, args.steps, args.warmup_steps, args.data, args.peak_size)
+    record = add_peers(record, config, args, peers)
     print(json.dumps(record), flush=True)
     return 0
 

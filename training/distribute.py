@@ -36,6 +36,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from training import measure
 from training.config import LR_SCALING_RULES, SHARD_POLICIES
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,9 @@ def scale_learning_rate(
 def precision_policy(mixed_precision: bool, strategy: tf.distribute.Strategy | None = None) -> str:
     """The Keras dtype policy for ``--mixed-precision``: bfloat16 on TPU, float16 on GPU.
 
-    On a CPU-only host mixed precision means ``mixed_bfloat16`` (slow without AMX/AVX512-BF16).
+    On a CPU-only host mixed precision means ``mixed_bfloat16``: faster than float32 where the
+    CPU has bfloat16 instructions (AVX512_BF16, AMX, Arm BF16; ConvMixer-256/8 trains 1.5x
+    faster, docs/performance.md), slower where it has not, which it warns about.
 
     Example:
         >>> precision_policy(False)
@@ -365,7 +368,15 @@ def precision_policy(mixed_precision: bool, strategy: tf.distribute.Strategy | N
         return "mixed_bfloat16"
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
-    logger.warning("Mixed precision on a CPU-only host: mixed_bfloat16, usually slower here.")
+    native = measure.has_bfloat16_instructions()
+    if not native:
+        found = "has none" if native is False else "could not be checked"
+        logger.warning(
+            "--mixed-precision on this CPU means mixed_bfloat16, but its bfloat16 instructions "
+            f"(AVX512_BF16, AMX or Arm BF16) {found}: every bfloat16 op is emulated through "
+            "float32 conversions, so training will be slower than in float32. Leave out "
+            "--mixed-precision here."
+        )
     return "mixed_bfloat16"
 
 

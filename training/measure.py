@@ -30,10 +30,12 @@ def forward_macs(model) -> int:
         ...                                     num_classes=10))
         9632
     """
+    kinds = ("Conv2D", "DepthwiseConv2D", "Dense")
     total = 0
     for layer in model.layers:
-        kind = type(layer).__name__
-        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+        # The stock class a layer is or extends (the builder's fused DepthwiseConv2D counts).
+        kind = next((c.__name__ for c in type(layer).__mro__ if c.__name__ in kinds), None)
+        if kind is None:
             continue
         config = layer.get_config()
         if max(config.get("dilation_rate", (1, 1))) > 1 or config.get("groups", 1) != 1:
@@ -106,6 +108,41 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, threads: int | None = 
         matmul(a, b).numpy()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
+
+
+# The CPU features our speed figures depend on (x86 /proc/cpuinfo "flags"; "bf16" is Arm's
+# "Features" name for its bfloat16 instructions).
+CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile",
+    "bf16",
+)  # fmt: skip
+BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_flags() -> list[str] | None:
+    """The :data:`CPU_FLAGS` this CPU has (Linux ``/proc/cpuinfo``), or None where unknown.
+
+    Example:
+        >>> flags = cpu_flags()
+        >>> flags is None or set(flags) <= set(CPU_FLAGS)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return None
+
+
+def has_bfloat16_instructions() -> bool | None:
+    """Whether the CPU computes bfloat16 natively (AVX512_BF16, AMX or Arm BF16); None where
+    unknown. Without them oneDNN converts to float32 around every bfloat16 op."""
+    flags = cpu_flags()
+    return None if flags is None else any(flag in flags for flag in BFLOAT16_FLAGS)
 
 
 def cpu_name() -> str:
