@@ -25,8 +25,8 @@ from training.measure import cpu_flags, cpu_name
 
 
 def ours(args, mixed: bool) -> dict:
-    command = [sys.executable, "-m", "training.benchmark", "--model", args.model, "--peers",
-               "none", "--batch-size", str(args.batch_size), "--steps", str(args.steps)]  # fmt: skip
+    command = [sys.executable, "-m", "training.benchmark", "--model", args.model]
+    command += ["--peers", "none", "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     if mixed:
         command.append("--mixed-precision")
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
