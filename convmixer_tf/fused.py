@@ -1,17 +1,23 @@
-"""CPU-fused training kernels for ConvMixer's GELU and BatchNorm, as drop-in Keras layers.
+"""CPU-fast training passes for ConvMixer's GELU, BatchNorm and depthwise conv, as drop-in
+Keras layers.
 
-TensorFlow runs ``tf.nn.gelu`` and BatchNormalization's training pass as a dozen small kernels
-each, forward and backward, every one a pass over memory; on CPU they cost more than the
-convolutions of a ConvMixer training step. :func:`gelu_fused` and :func:`batch_norm_train_fused`
-compute the same functions as one XLA computation per direction (XLA on these functions only:
-whole-model ``jit_compile`` is slower on CPU, whose XLA convolutions are slow).
+TensorFlow runs ``tf.nn.gelu`` as a handful of elementwise kernels and its automatic gradient
+as about ten more, Keras 3's BatchNormalization as ``moments`` + ``batch_normalization`` and
+their gradients (a dozen passes over memory), and the depthwise filter gradient at a fraction of
+the CPU's speed (slower still in bfloat16). Here: :func:`gelu_fused` computes GELU and its
+gradient as one XLA loop each; :func:`batch_norm_train_fused` is TensorFlow's fused BatchNorm
+kernel (oneDNN on x86); :func:`depthwise_conv2d_fused` computes the filter gradient as a grouped
+convolution's. Float32 and bfloat16 (``mixed_bfloat16``) alike; docs/performance.md has the
+measurements.
 
-:func:`activation_layer` and :func:`batch_norm` choose the layer the builder
-(:mod:`convmixer_tf.model`) puts in a model: the fused subclasses for Keras 3, the stock classes
-for tf_keras (tensorflow-model-optimization keys its quantization policy on those). The fused
-classes keep the stock classes' configs and weights and are registered as
-``convmixer_tf>GELU`` and ``convmixer_tf>FusedBatchNormalization``, so that files saved with them
-load through :func:`convmixer_tf.load_model`.
+:func:`activation_layer`, :func:`batch_norm` and :func:`depthwise_conv` choose the layer the
+builder (:mod:`convmixer_tf.model`) puts in a model: the fused subclasses for Keras 3, the stock
+classes for tf_keras (tensorflow-model-optimization keys its quantization policy on those). The
+fused classes keep the stock classes' configs and weights and are registered as
+``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization`` and
+``convmixer_tf>FusedDepthwiseConv2D``, so that files saved with them load through
+:func:`convmixer_tf.load_model`; the files the project writes hold the stock classes
+(:func:`stock_class`).
 """
 
 from __future__ import annotations

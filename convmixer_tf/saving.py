@@ -184,8 +184,9 @@ def load_model(
 
     A ConvMixer saved by the other Keras is rebuilt (:func:`rebuild`) with the same weights;
     other models must be asked for with the Keras that saved them. Files with this project's
-    fused layers (``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization``; files of
-    version 0.1) load too.
+    fused layers (``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization``,
+    ``convmixer_tf>FusedDepthwiseConv2D``: files of version 0.1, or a built model saved with
+    ``model.save`` rather than :func:`save_model`) load too.
 
     Raises:
         ValueError: naming the file, if it is missing, empty, not a ``.keras`` archive, holds
