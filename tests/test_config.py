@@ -27,12 +27,24 @@ def test_every_recipe_loads_and_names_a_known_model():
 
 
 def test_cifar10_recipe_is_the_reference_script():
+    """locuslab/convmixer-cifar10's README command: train.py --lr-max=0.05 --ra-n=2 --ra-m=12
+    --wd=0.005 --scale=1.0 --jitter=0 --reprob=0 (no --clip-norm), batch 512, 25 epochs."""
     config = from_recipe("cifar10_convmixer_256_8")
     assert (config.batch_size, config.epochs, config.lr_max) == (512, 25, 0.05)
-    assert config.lr_schedule == "onecycle" and config.weight_decay == 0.01
-    assert config.scale == (0.75, 1.0) and config.ratio == (1.0, 1.0)
+    assert config.lr_schedule == "onecycle" and config.weight_decay == 0.005
+    assert config.scale == (1.0, 1.0) and config.ratio == (1.0, 1.0)
     assert (config.randaugment_ops, config.randaugment_magnitude) == (2, 12.0)
-    assert config.clip_norm == 1.0 and config.hflip
+    assert config.randaugment_magnitude_max == 30
+    assert config.clip_norm is None and config.hflip and config.label_smoothing == 0
+    assert config.color_jitter == 0 and config.random_erasing == 0
+    short = from_recipe("cifar10_convmixer_256_8_10ep")
+    assert short.epochs == 10
+    differing = {
+        key
+        for key, value in vars(config).items()
+        if getattr(short, key) != value and key not in ("description", "recipe")
+    }
+    assert differing == {"epochs", "output_dir"}
 
 
 def test_imagenet_recipes_use_timm_settings():

@@ -40,7 +40,7 @@ def test_recipe_then_named_options_then_any_key():
     assert (config.image_size, config.output_dir, config.lr_max) == (16, "out", 0.02)
     assert config.ema is True and config.hflip is False and config.mixup_alpha == 0.2
     assert config.scale == (0.5, 1.0) and config.recipe == "cifar10_convmixer_256_8"
-    assert config.weight_decay == 0.01  # from the recipe
+    assert config.weight_decay == 0.005  # from the recipe
 
 
 def test_data_alias_and_tfds_dataset():

@@ -2,16 +2,19 @@
 
 :mod:`training.pipeline` applies them in the training input pipeline. Per image (before
 batching, images keep their own size until here): random resized crop
-(``tf.image.sample_distorted_bounding_box``; Keras 3 has no RandomResizedCrop layer). Per batch,
-with Keras 3's own layers, which run inside ``tf.data`` with the TensorFlow backend: horizontal
-flip (``RandomFlip``), ``RandAugment``, ``RandomColorJitter``, ``RandomErasing``, then ``MixUp``
-or ``CutMix`` (one of the two per batch, each with probability 1/2 when both are on, as timm
-switches between them). Labels leave as one-hot float32 so that mixed labels and label
+(``tf.image.sample_distorted_bounding_box``; Keras 3 has no RandomResizedCrop layer), then
+torchvision's RandAugment (:func:`rand_augment_image`: ops drawn per image, stateless). Per
+batch, with Keras 3's own layers, which run inside ``tf.data`` with the TensorFlow backend:
+horizontal flip (``RandomFlip``, per image), ``RandomColorJitter``, ``RandomErasing``, then
+``MixUp`` or ``CutMix`` (one of the two per batch, each with probability 1/2 when both are on,
+as timm switches between them). Labels leave as one-hot float32 so that mixed labels and label
 smoothing (in the loss) work the same way.
 
-Keras' RandAugment takes a ``factor`` in [0, 1] and samples each op's strength up to it; a
-recipe's magnitude ``m`` out of ``m_max`` (torchvision: 30 bins, timm: 10) becomes
-``factor = m / m_max``.
+Keras' own ``RandAugment`` layer is not used: it draws the ops once per batch (every image of a
+batch gets the same two), computes every op for the whole batch to select two, and hands its
+``factor`` to each sub-layer in that sub-layer's units (a rotation of up to 144 degrees at
+m12/30). A recipe's magnitude ``m`` out of ``m_max`` (torchvision: 30, timm: 10) is the fraction
+of torchvision's top range.
 
 Example:
     >>> import tensorflow as tf
@@ -24,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 
 import keras
 import tensorflow as tf
@@ -78,55 +82,143 @@ def random_resized_crop(
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def rand_augment(
-    num_ops: int, magnitude: float, magnitude_max: float, seed: int | None = None
-) -> keras.layers.Layer:
-    """Keras' RandAugment with torchvision's geometric ranges at ``magnitude / magnitude_max``.
+# torchvision.transforms.RandAugment's operations, in its order (Identity first).
+RANDAUGMENT_OPS = (
+    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+)  # fmt: skip
+# Its ranges at the top magnitude (bin 30 of 31); the bin m gives range * m / 30, with a random
+# sign for the signed ones (all but Posterize and Solarize).
+TORCHVISION_MAX_COLOR = 0.9  # Brightness, Color, Contrast, Sharpness: factor 1 +- 0.9
 
-    Keras 3.15 hands its ``factor`` to every sub-layer in that sub-layer's own units, so its
-    rotation reaches ``factor`` x 360 degrees and its translation ``factor`` x the size. The
-    rotation, translation and shear sub-layers are replaced by ones with torchvision's ranges
-    (30 degrees, 150/331 of the size, 0.3 at the top magnitude), scaled by the magnitude. The
-    color ops keep Keras' ``factor = magnitude / magnitude_max``.
+
+def _affine(image: tf.Tensor, transform: list) -> tf.Tensor:
+    """Nearest-neighbour projective transform (output -> input coordinates), zeros outside."""
+    size = tf.shape(image)[:2]
+    transform = tf.cast(tf.stack([*transform, 0.0, 0.0]), tf.float32)[None]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=size, fill_value=0.0,
+        interpolation="NEAREST", fill_mode="CONSTANT",
+    )[0]  # fmt: skip
+
+
+def _blend(image: tf.Tensor, other: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 255.0)
+
+
+def _grayscale(image: tf.Tensor) -> tf.Tensor:
+    # torchvision's rgb_to_grayscale, truncated to 8 bits as it does for uint8 images.
+    return tf.floor(tf.reduce_sum(image * [0.2989, 0.587, 0.114], -1, keepdims=True))
+
+
+def _sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    # torchvision: a 3x3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 smoothing, borders unchanged.
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
+    interior = tf.pad(tf.ones(tf.shape(image)[:2] - 2), [[1, 1], [1, 1]])[..., None]
+    return _blend(image, interior * smooth + (1.0 - interior) * image, factor)
+
+
+def _autocontrast(image: tf.Tensor) -> tf.Tensor:
+    low = tf.reduce_min(image, [0, 1], keepdims=True)
+    high = tf.reduce_max(image, [0, 1], keepdims=True)
+    scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1e-6), 1.0)
+    return tf.clip_by_value((image - tf.where(high > low, low, 0.0)) * scale, 0.0, 255.0)
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    # torchvision's _equalize_single_image (PIL's ImageOps.equalize).
+    pixels = tf.cast(tf.reshape(channel, [-1]), tf.int32)
+    histogram = tf.math.bincount(pixels, minlength=256, maxlength=256)
+    last = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)[:, 0]))
+    step = (tf.reduce_sum(histogram) - last) // 255
+    lut = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
+    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
+    equalized = tf.cast(tf.gather(lut, pixels), tf.float32)
+    return tf.where(step > 0, tf.reshape(equalized, tf.shape(channel)), channel)
+
+
+def _equalize(image: tf.Tensor) -> tf.Tensor:
+    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+
+
+def rand_augment_op(image: tf.Tensor, op, sign, strength: float) -> tf.Tensor:
+    """Operation number ``op`` of :data:`RANDAUGMENT_OPS` at ``strength`` (the fraction of
+    torchvision's top range) and ``sign`` (+-1), as torchvision's ``_apply_op`` computes it on an
+    8-bit image: nearest-neighbour geometry filled with black, color factors ``1 + sign * 0.9 *
+    strength``. ``image``: float32 (H, W, 3) holding integers in 0..255; ``op`` may be a tensor."""
+    height = tf.cast(tf.shape(image)[0], tf.float32)
+    width = tf.cast(tf.shape(image)[1], tf.float32)
+    sign = tf.cast(sign, tf.float32)
+    shear = sign * TORCHVISION_MAX_SHEAR * strength
+    # torchvision: int() of the shift in pixels, and a shear of atan(magnitude) degrees, which
+    # is a shear factor of the magnitude itself.
+    shift_x = sign * tf.floor(TORCHVISION_MAX_TRANSLATION * strength * width)
+    shift_y = sign * tf.floor(TORCHVISION_MAX_TRANSLATION * strength * height)
+    angle = sign * math.radians(TORCHVISION_MAX_ROTATION_DEGREES * strength)
+    factor = 1.0 + sign * TORCHVISION_MAX_COLOR * strength
+    bits = 8 - int(round(4 * strength))
+    threshold = 255.0 * (1.0 - strength)
+    # torchvision rotates counter-clockwise about the image's center: the output pixel at p
+    # reads the input at R(angle) (p - center) + center, in image coordinates (y down).
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    rotation = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]
+    operations = {
+        "Identity": lambda: image,
+        # torchvision shears about the top-left corner of the first pixel: x + shear (y + 1/2)
+        "ShearX": lambda: _affine(image, [1.0, shear, shear / 2, 0.0, 1.0, 0.0]),
+        "ShearY": lambda: _affine(image, [1.0, 0.0, 0.0, shear, 1.0, shear / 2]),
+        "TranslateX": lambda: _affine(image, [1.0, 0.0, -shift_x, 0.0, 1.0, 0.0]),
+        "TranslateY": lambda: _affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, -shift_y]),
+        "Rotate": lambda: _affine(image, rotation),
+        "Brightness": lambda: _blend(image, 0.0, factor),
+        "Color": lambda: _blend(image, _grayscale(image), factor),
+        "Contrast": lambda: _blend(image, tf.reduce_mean(_grayscale(image)), factor),
+        "Sharpness": lambda: _sharpness(image, factor),
+        "Posterize": lambda: tf.cast(
+            tf.bitwise.bitwise_and(tf.cast(image, tf.uint8), (0xFF << (8 - bits)) & 0xFF),
+            tf.float32,
+        ),
+        "Solarize": lambda: tf.where(image >= threshold, 255.0 - image, image),
+        "AutoContrast": lambda: _autocontrast(image),
+        "Equalize": lambda: _equalize(image),
+    }
+    branches = [operations[name] for name in RANDAUGMENT_OPS]
+    out = tf.switch_case(tf.cast(op, tf.int32), branches)
+    return tf.floor(tf.ensure_shape(out, [None, None, 3]))
+
+
+def rand_augment_image(
+    image: tf.Tensor, num_ops: int, magnitude: float, magnitude_max: float, seed: tf.Tensor
+) -> tf.Tensor:
+    """torchvision's ``RandAugment(num_ops, magnitude)`` on one image, as a function of ``seed``.
+
+    Per image, ``num_ops`` operations drawn uniformly from :data:`RANDAUGMENT_OPS` (Identity
+    included), each at the fixed strength ``magnitude / magnitude_max`` of torchvision's top
+    range (shear 0.3, translation 150/331 of the size, rotation 30 degrees, color factors
+    1 +- 0.9, posterize to 4 bits, solarize at 0) with a random sign
+    (:func:`rand_augment_op`), on the image rounded to 8 bits as torchvision sees it. The CIFAR
+    recipe's m12 of 30: shear 0.12, translation 5 px at 32 px, rotation 12 degrees, factors
+    1 +- 0.36, 6 bits, solarize from 153. ``image``: float32 (H, W, 3) in 0..255; ``seed``: a
+    shape-(2,) integer tensor (stateless: the result is a function of it).
 
     Example:
-        >>> layer = rand_augment(2, 12, 30)   # the CIFAR-10 recipe: at most 12 degrees
-        >>> layer.random_rotation.factor
-        (-0.03333333333333333, 0.03333333333333333)
+        >>> image = tf.random.stateless_uniform((32, 32, 3), (0, 0), maxval=255.0)
+        >>> out = rand_augment_image(image, 2, 12, 30, tf.constant([1, 2]))
+        >>> out.shape, out.dtype
+        (TensorShape([32, 32, 3]), tf.float32)
     """
     strength = min(1.0, magnitude / magnitude_max)
-    layer = keras.layers.RandAugment(
-        value_range=(0, 255),
-        num_ops=num_ops,
-        factor=strength,
-        interpolation="bilinear",
-        seed=seed,
-    )
-    rotation = TORCHVISION_MAX_ROTATION_DEGREES * strength / 360.0
-    translation = TORCHVISION_MAX_TRANSLATION * strength
-    shear = TORCHVISION_MAX_SHEAR * strength
-    replacements = {
-        "random_rotation": keras.layers.RandomRotation(
-            (-rotation, rotation), interpolation="bilinear", seed=seed
-        ),
-        "random_translation": keras.layers.RandomTranslation(
-            (-translation, translation),
-            (-translation, translation),
-            interpolation="bilinear",
-            seed=seed,
-        ),
-        "random_shear": keras.layers.RandomShear(
-            x_factor=(0.0, shear), y_factor=(0.0, shear), interpolation="bilinear", seed=seed
-        ),
-    }
-    for name, sub_layer in replacements.items():
-        if name not in getattr(layer, "_AUGMENT_LAYERS", ()):
-            raise RuntimeError(
-                f"keras.layers.RandAugment (Keras {keras.__version__}) has no sub-layer "
-                f"{name!r}; training.augment.rand_augment needs updating."
-            )
-        setattr(layer, name, sub_layer)
-    return layer
+    image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
+    draws = tf.random.stateless_uniform([num_ops, 2], seed=seed)
+    for i in range(num_ops):
+        op = tf.minimum(tf.cast(draws[i, 0] * len(RANDAUGMENT_OPS), tf.int32), 13)
+        sign = tf.where(draws[i, 1] < 0.5, -1.0, 1.0)
+        image = rand_augment_op(image, op, sign, strength)
+    return image
 
 
 class StepSeeds(keras.random.SeedGenerator):
@@ -189,15 +281,6 @@ class BatchAugmenter:
         self.layers: list[keras.layers.Layer] = []
         if config.hflip:
             self.layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-        if config.randaugment_ops > 0 and config.randaugment_magnitude > 0:
-            self.layers.append(
-                rand_augment(
-                    config.randaugment_ops,
-                    config.randaugment_magnitude,
-                    config.randaugment_magnitude_max,
-                    seed,
-                )
-            )
         if config.color_jitter > 0:
             jitter = config.color_jitter
             self.layers.append(

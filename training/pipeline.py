@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import data
-from training.augment import BatchAugmenter, random_resized_crop
+from training.augment import BatchAugmenter, rand_augment_image, random_resized_crop
 from training.config import TrainConfig
 from training.data import AUTOTUNE, MAX_SHUFFLE_BUFFER
 
@@ -186,7 +186,8 @@ def make_train_dataset(
 
 def _crop_batch_augment(ds: tf.data.Dataset, config: TrainConfig, num_classes: int):
     """``(position, uint8 image, label)`` elements -> augmented training batches: example ``p``
-    cropped with the stateless seed ``(seed, p)``, batch ``g`` augmented with ``(seed + 1, g)``."""
+    cropped with the stateless seed ``(seed, p)`` and RandAugmented with ``(seed + 2, p)``,
+    batch ``g`` augmented with ``(seed + 1, g)``."""
     seed, batch = config.seed, config.batch_size
     size = (config.image_size, config.image_size)
 
@@ -195,6 +196,14 @@ def _crop_batch_augment(ds: tf.data.Dataset, config: TrainConfig, num_classes: i
         image = random_resized_crop(
             image, size, config.scale, config.ratio, config.interpolation, seed=crop_seed
         )
+        if config.randaugment_ops > 0 and config.randaugment_magnitude > 0:
+            image = rand_augment_image(
+                image,
+                config.randaugment_ops,
+                config.randaugment_magnitude,
+                config.randaugment_magnitude_max,
+                seed=tf.stack([tf.constant(seed + 2, tf.int64), position]),
+            )
         return image, tf.one_hot(label, num_classes, dtype=tf.float32), position
 
     ds = ds.map(crop, num_parallel_calls=AUTOTUNE)
