@@ -3,12 +3,13 @@ float32 and bfloat16 autocast, interleaved in one run, with the ratios.
 
     python -m benchmarks.training_peers --peers-python .torchvenv/bin/python --rounds 3
 
-Each round runs, in this order, ``python -m training.benchmark`` (float32), the same with
-``--mixed-precision``, and ``benchmarks/peer_training.py`` (PyTorch, both precisions), each in a
-process of its own (a Keras dtype policy is per process); the table gives each one's median
-img/s over the rounds and every ratio is computed from those medians. The same model, batch and
-step (AdamW, label smoothing, gradient clipping) on one synthetic batch; no other process should
-run meanwhile. Prints the table (markdown) and writes the records as JSON (``--json``).
+Each round runs, in this order, ``python -m training.benchmark --peers torch`` (float32, then
+PyTorch in both precisions through ``benchmarks/peer_training.py``) and the same with
+``--mixed-precision``, each in a process of its own (a Keras dtype policy is per process); the
+table gives each one's median img/s over the rounds and every ratio is computed from those
+medians. The same model, batch and step (the recipe's AdamW, label smoothing, clipping) on one
+synthetic batch; no other process should run meanwhile. Prints the table (markdown) and writes
+the records as JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -25,25 +26,17 @@ from training.measure import cpu_flags, cpu_name
 
 
 def ours(args, mixed: bool) -> dict:
+    """One ``training.benchmark`` record; the float32 one also times PyTorch right after ours,
+    with the recipe's optimizer settings (``--peers torch``)."""
     command = [sys.executable, "-m", "training.benchmark", "--model", args.model]
-    command += ["--peers", "none", "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    command += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     if mixed:
-        command.append("--mixed-precision")
+        command += ["--mixed-precision", "--peers", "none"]
+    else:
+        command += ["--peers", "torch", "--peers-python", args.peers_python]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"training.benchmark failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def torch(args, record: dict) -> dict:
-    arch = {key: record[key] for key in ("dim", "depth", "kernel_size", "patch_size")}
-    arch.update(num_classes=record["num_classes"], activation=record["activation"])
-    command = [args.peers_python, "-m", "benchmarks.peer_training", "--arch", json.dumps(arch),
-               "--image-size", str(record["image_size"]), "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps)]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"the PyTorch run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -53,7 +46,7 @@ def table(rates: dict[str, list[float]], record: dict, torch_version: str) -> st
     lines = [
         f"ConvMixer-{record['dim']}/{record['depth']} (k{record['kernel_size']}, "
         f"p{record['patch_size']}, {record['image_size']}x{record['image_size']}), batch "
-        f"{record['batch_size']}, one training step (AdamW, clipping), synthetic data; "
+        f"{record['batch_size']}, one training step (the recipe's AdamW), synthetic data; "
         f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(cpu_flags() or [])}; "
         f"PyTorch {torch_version}; median of {len(rates[next(iter(rates))])} interleaved rounds.",
         "",
@@ -84,14 +77,13 @@ def main(argv=None) -> str:
     records = []
     for _ in range(args.rounds):
         fp32, mixed = ours(args, mixed=False), ours(args, mixed=True)
-        peer = torch(args, fp32)
-        records.append({"float32": fp32, "mixed": mixed, "torch": peer})
+        records.append({"float32": fp32, "mixed": mixed})
         rates["ours float32"].append(fp32["img_per_s"])
         rates["ours mixed_bfloat16"].append(mixed["img_per_s"])
-        rates["torch eager float32"].append(peer["torch_float32_img_per_s"])
-        rates["torch autocast bf16"].append(peer["torch_autocast_bf16_img_per_s"])
+        rates["torch eager float32"].append(fp32["torch_float32_img_per_s"])
+        rates["torch autocast bf16"].append(fp32["torch_autocast_bf16_img_per_s"])
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
-    text = table(rates, records[0]["float32"], records[0]["torch"]["torch"])
+    text = table(rates, records[0]["float32"], records[0]["float32"]["torch"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -45,16 +45,6 @@ def batch_norm(keras, name: str, epsilon: float, momentum: float, synchronized: 
     return layer_class(epsilon=epsilon, momentum=momentum, name=name)
 
 
-def _float32(x: tf.Tensor) -> tf.Tensor:
-    """``tf.cast(x, tf.float32)``, for use inside the XLA functions below. A bfloat16 is the
-    upper half of a float32: shifting its bits is the exact conversion, and XLA's CPU code runs
-    it faster than a ``convert`` (docs/performance.md)."""
-    if x.dtype == tf.bfloat16:
-        bits = tf.cast(tf.bitcast(x, tf.uint16), tf.uint32)
-        return tf.bitcast(tf.bitwise.left_shift(bits, 16), tf.float32)
-    return tf.cast(x, tf.float32)
-
-
 def batch_norm_train_fused(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
     """Training-mode BatchNorm of an NHWC tensor: ``(y, batch mean, batch variance)``.
 
@@ -99,7 +89,7 @@ def batch_norm_layer_class(keras):
 
     @keras.saving.register_keras_serializable(package="convmixer_tf")
     class FusedBatchNormalization(keras.layers.BatchNormalization):
-        """BatchNormalization with a fused (XLA) training pass."""
+        """BatchNormalization whose training pass is TensorFlow's fused kernel."""
 
         def call(self, inputs, training=None, mask=None):
             fusable = (
@@ -146,15 +136,15 @@ def _normal_cdf(x32: tf.Tensor) -> tf.Tensor:
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
 def _gelu_forward(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    x32 = _float32(x)
+    x32 = tf.cast(x, tf.float32)
     return tf.cast(x32 * _normal_cdf(x32), like.dtype)
 
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
 def _gelu_backward(x: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
-    x32 = _float32(x)
+    x32 = tf.cast(x, tf.float32)
     derivative = _normal_cdf(x32) + x32 * _INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
-    return tf.cast(_float32(upstream) * derivative, x.dtype)
+    return tf.cast(tf.cast(upstream, tf.float32) * derivative, x.dtype)
 
 
 def gelu_fused(x: tf.Tensor, output_dtype: tf.DType | None = None):

@@ -215,7 +215,9 @@ def rand_augment_image(
     image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
     draws = tf.random.stateless_uniform([num_ops, 2], seed=seed)
     for i in range(num_ops):
-        op = tf.minimum(tf.cast(draws[i, 0] * len(RANDAUGMENT_OPS), tf.int32), 13)
+        op = tf.minimum(
+            tf.cast(draws[i, 0] * len(RANDAUGMENT_OPS), tf.int32), len(RANDAUGMENT_OPS) - 1
+        )
         sign = tf.where(draws[i, 1] < 0.5, -1.0, 1.0)
         image = rand_augment_op(image, op, sign, strength)
     return image

@@ -65,7 +65,13 @@ import convmixer_tf
 from convmixer_tf import cli
 from convmixer_tf.constants import ACTIVATIONS
 from training import config as config_lib
-from training.measure import cpu_flags, cpu_name, matmul_peak_flops, training_flops_per_image
+from training.measure import (
+    REPO_ROOT,
+    cpu_flags,
+    cpu_name,
+    matmul_peak_flops,
+    training_flops_per_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,6 @@ DEFAULT_RECIPE = "cifar10_convmixer_256_8"
 DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "cifar10", "train")
 DATA_MODES = ("synthetic", "real")
 PEERS = ("auto", "torch", "none")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _step_timer(keras):

@@ -17,6 +17,9 @@ import time
 
 import tensorflow as tf
 
+# The repository root: subprocesses that import this project (``python -m ...``) run there.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def forward_macs(model) -> int:
     """Multiply-accumulates of one forward pass of one image, from the layers' shapes.
@@ -92,10 +95,9 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, threads: int | None = 
             "print(matmul_peak_flops(int(sys.argv[1]), int(sys.argv[2])))\n"
         )
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(
             [sys.executable, "-c", code, str(size), str(repeats), str(threads)],
-            capture_output=True, text=True, check=True, env=env, cwd=root,
+            capture_output=True, text=True, check=True, env=env, cwd=REPO_ROOT,
         )  # fmt: skip
         return float(json.loads(out.stdout.strip().splitlines()[-1]))
     a = tf.random.normal((size, size), dtype=tf.float32)

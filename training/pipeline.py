@@ -2,8 +2,9 @@
 
 :func:`make_train_dataset` decodes the training split (:mod:`training.data`), caches it when it
 fits, shuffles, crops and RandAugments per image, batches and augments per batch
-(:mod:`training.augment`), and repeats; :func:`make_validation_dataset` resizes the validation split as for evaluation. Both
-yield float32 pixels in 0..255 (the model normalizes them) and one-hot float32 labels.
+(:mod:`training.augment`), and repeats; :func:`make_validation_dataset` resizes the validation
+split as for evaluation. Both yield float32 pixels in 0..255 (the model normalizes them) and
+one-hot float32 labels.
 
 Example:
     >>> from training.config import TrainConfig
