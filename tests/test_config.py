@@ -116,6 +116,9 @@ def test_overrides_parse_strings_to_field_types():
         ({"scale": "0.5,2"}, "`scale` must be"),
         ({"epochs": 0}, "`epochs` must be positive"),
         ({"data_dir": "x", "dataset": "cifar10"}, "not both"),
+        ({"randaugment_ops": -1}, "`randaugment_ops` and `randaugment_magnitude` must be >= 0"),
+        ({"randaugment_magnitude": 31}, "at most `randaugment_magnitude_max`"),
+        ({"randaugment_magnitude_max": 0}, "at most `randaugment_magnitude_max`"),
     ],
 )
 def test_bad_overrides_raise_value_errors(overrides, message):

@@ -79,3 +79,21 @@ def test_images_of_different_sizes_stream_from_files_resumably(tmp_path):
     resumed = next(iter(pipeline.make_train_dataset(config, 2, source=source).dataset))[0]
     np.testing.assert_array_equal(resumed, batches[2])
     assert not np.array_equal(batches[2], batches[3])
+
+
+def test_rand_augment_is_applied_per_image_in_the_pipeline(cifar10_train_dir):
+    """With every other augmentation off, the pipeline's images are the source images, except
+    that RandAugment (per image, a function of the seed) changes most of them."""
+    plain = dict(
+        data_dir=str(cifar10_train_dir), limit_per_class=4, batch_size=40, image_size=32,
+        val_split=None, hflip=False, scale=(1.0, 1.0), seed=3,
+    )  # fmt: skip
+    off = pipeline.make_train_dataset(TrainConfig(**plain, randaugment_ops=0))
+    on = pipeline.make_train_dataset(TrainConfig(**plain, randaugment_ops=2))
+    again = pipeline.make_train_dataset(TrainConfig(**plain, randaugment_ops=2))
+    source, _ = next(iter(off.dataset))
+    augmented, _ = next(iter(on.dataset))
+    np.testing.assert_array_equal(augmented.numpy(), next(iter(again.dataset))[0].numpy())
+    changed = np.any(np.abs(augmented.numpy() - np.round(source.numpy())) > 0, axis=(1, 2, 3))
+    # Few draws leave an image as it was (Identity twice: 1/196; AutoContrast on a full range)
+    assert changed.sum() >= 28, changed

@@ -189,6 +189,18 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
+    if not (config.randaugment_ops >= 0 and config.randaugment_magnitude >= 0):
+        raise ValueError(
+            "`randaugment_ops` and `randaugment_magnitude` must be >= 0 (0 turns RandAugment "
+            f"off). Received: randaugment_ops={config.randaugment_ops}, "
+            f"randaugment_magnitude={config.randaugment_magnitude}"
+        )
+    if not 0 < config.randaugment_magnitude_max >= config.randaugment_magnitude:
+        raise ValueError(
+            "`randaugment_magnitude` must be at most `randaugment_magnitude_max` (the top bin, "
+            "positive: 30 for torchvision's, 10 for timm's). Received: "
+            f"{config.randaugment_magnitude} of {config.randaugment_magnitude_max}"
+        )
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1). Received: {config.label_smoothing}")
     lo, hi = config.scale
