@@ -8,6 +8,9 @@ cheap: ``training.config`` checks its values against these tuples without loadin
 # (export.rewrite.gelu_as_silu): LOGISTIC and MUL, which XNNPACK and TFLite Micro run in int8.
 ACTIVATIONS = ("gelu", "relu", "silu")
 POOLINGS = ("avg", "max", None)
+# "keras": Keras' defaults (Glorot-uniform kernels, zero biases); "pytorch": PyTorch's
+# (kernels and biases U(+-1/sqrt(fan_in)), fan_in per group), as the paper's models start.
+INITIALIZATIONS = ("keras", "pytorch")
 KERAS_MODULES = ("keras", "tf_keras")
 
 # Resize methods of the evaluation transform (tf.image.resize's names). timm evaluates the

@@ -332,14 +332,15 @@ def depthwise_conv_layer_class(keras):
     return FusedDepthwiseConv2D
 
 
-def depthwise_conv(keras, kernel_size: int, name: str):
+def depthwise_conv(keras, kernel_size: int, name: str, **kwargs):
     """The blocks' depthwise convolution ("same" padding): :func:`depthwise_conv_layer_class`'s
     subclass for Keras 3, ``DepthwiseConv2D`` for tf_keras (tensorflow-model-optimization keys
-    its quantization policy on that class). Both compute the same function."""
+    its quantization policy on that class). Both compute the same function. ``kwargs`` go to
+    the layer (initializers)."""
     layer_class = keras.layers.DepthwiseConv2D
     if keras.__name__ == "keras":
         layer_class = depthwise_conv_layer_class(keras)
-    return layer_class(kernel_size, padding="same", name=name)
+    return layer_class(kernel_size, padding="same", name=name, **kwargs)
 
 
 def stock_class(layer):

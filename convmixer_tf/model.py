@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Sequence
 
 from convmixer_tf import fused, presets
-from convmixer_tf.constants import ACTIVATIONS, KERAS_MODULES, POOLINGS
+from convmixer_tf.constants import ACTIVATIONS, INITIALIZATIONS, KERAS_MODULES, POOLINGS
 
 # PyTorch's BatchNorm2d defaults. Keras' own (epsilon 1e-3, momentum 0.99) do not reproduce the
 # paper's checkpoints: the epsilon changes every output, and the momentum the training dynamics.
@@ -44,15 +45,62 @@ def resolve_keras(keras_module="keras"):
     return importlib.import_module(keras_module)
 
 
-def apply_stem(x, keras, dim: int, patch_size: int, activation: str, synchronized_bn: bool = False):
+def initializers(keras, initialization: str, fan_in: int, kernel_arg: str = "kernel") -> dict:
+    """The kernel and bias initializer arguments of a layer whose outputs each sum ``fan_in``
+    inputs: ``{}`` (Keras' defaults) or PyTorch's defaults for ``nn.Conv2d`` / ``nn.Linear``
+    (``kaiming_uniform_(a=sqrt(5))``: kernel and bias both U(+-1/sqrt(fan_in))), as stock
+    ``RandomUniform`` initializers.
+
+    Keras' Glorot fans count all input channels also for a depthwise kernel (``k*k*dim``), so
+    its depthwise kernels start ``sqrt(dim)`` times smaller than PyTorch's (0.03 vs 0.2 for
+    ConvMixer-256 k5).
+
+    Example:
+        >>> import keras
+        >>> init = initializers(keras, "pytorch", fan_in=25)["kernel_initializer"]
+        >>> init.get_config()["maxval"]
+        0.2
+    """
+    if initialization == "keras":
+        return {}
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        f"{kernel_arg}_initializer": keras.initializers.RandomUniform(-bound, bound),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
+    }
+
+
+def apply_stem(
+    x,
+    keras,
+    dim: int,
+    patch_size: int,
+    activation: str,
+    synchronized_bn: bool = False,
+    initialization: str = "keras",
+):
     """Patch embedding: ``Conv(dim, k=p, s=p)`` -> activation -> BN."""
-    x = keras.layers.Conv2D(dim, patch_size, strides=patch_size, name="stem_conv")(x)
+    fan_in = int(x.shape[-1]) * patch_size * patch_size
+    x = keras.layers.Conv2D(
+        dim,
+        patch_size,
+        strides=patch_size,
+        name="stem_conv",
+        **initializers(keras, initialization, fan_in),
+    )(x)
     x = fused.activation_layer(keras, activation, "stem_act")(x)
     return fused.batch_norm(keras, "stem_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(x)
 
 
 def apply_block(
-    x, keras, index: int, dim: int, kernel_size: int, activation: str, synchronized_bn: bool = False
+    x,
+    keras,
+    index: int,
+    dim: int,
+    kernel_size: int,
+    activation: str,
+    synchronized_bn: bool = False,
+    initialization: str = "keras",
 ):
     """One ConvMixer block.
 
@@ -61,11 +109,18 @@ def apply_block(
     """
     prefix = f"blocks_{index}"
     shortcut = x
-    x = fused.depthwise_conv(keras, kernel_size, f"{prefix}_dwconv")(x)
+    x = fused.depthwise_conv(
+        keras,
+        kernel_size,
+        f"{prefix}_dwconv",
+        **initializers(keras, initialization, kernel_size * kernel_size, "depthwise"),
+    )(x)
     x = fused.activation_layer(keras, activation, f"{prefix}_dwconv_act")(x)
     x = fused.batch_norm(keras, f"{prefix}_dwconv_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(x)
     x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])
-    x = keras.layers.Conv2D(dim, 1, name=f"{prefix}_pwconv")(x)
+    x = keras.layers.Conv2D(
+        dim, 1, name=f"{prefix}_pwconv", **initializers(keras, initialization, dim)
+    )(x)
     x = fused.activation_layer(keras, activation, f"{prefix}_pwconv_act")(x)
     return fused.batch_norm(keras, f"{prefix}_pwconv_bn", BN_EPSILON, BN_MOMENTUM, synchronized_bn)(
         x
@@ -107,6 +162,7 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
     mean: Sequence[float] = presets.IMAGENET_MEAN,
     std: Sequence[float] = presets.IMAGENET_STD,
     synchronized_bn: bool = False,
+    initialization: str = "keras",
     weights: str | None = None,
     name: str = "convmixer",
     keras_module="keras",
@@ -131,6 +187,10 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
             ``"silu"``.
         mean, std: per-channel statistics of the preprocessing, in [0, 1] pixel units.
         synchronized_bn: synchronize BatchNorm statistics across replicas (tf.distribute).
+        initialization: the initial weights when ``weights`` is None: ``"keras"`` (default;
+            Glorot-uniform kernels, zero biases) or ``"pytorch"`` (PyTorch's defaults, as the
+            paper's models are trained from: kernels and biases U(+-1/sqrt(fan_in)) with the fan
+            per group, so depthwise kernels U(+-1/k); BatchNorm as Keras).
         weights: None (random initialization), the path of a Keras weights file
             (``.weights.h5``), the path or URL of a PyTorch checkpoint (see
             :func:`convmixer_tf.load_pretrained`), or ``"imagenet"`` (the published checkpoint).
@@ -163,6 +223,11 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
         raise ValueError(
             f"`activation` must be one of {ACTIVATIONS}. Received: activation={activation!r}"
         )
+    if initialization not in INITIALIZATIONS:
+        raise ValueError(
+            f"`initialization` must be one of {INITIALIZATIONS}. "
+            f"Received: initialization={initialization!r}"
+        )
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: pooling={pooling!r}")
     if include_top and pooling is not None:
@@ -188,15 +253,21 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
             variance=[(255.0 * s) ** 2 for s in std],
             name="preprocessing",
         )(x)
-    x = apply_stem(x, keras, dim, patch_size, activation, synchronized_bn)
+    x = apply_stem(x, keras, dim, patch_size, activation, synchronized_bn, initialization)
     for i in range(depth):
-        x = apply_block(x, keras, i, dim, kernel_size, activation, synchronized_bn)
+        x = apply_block(
+            x, keras, i, dim, kernel_size, activation, synchronized_bn, initialization
+        )
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # float32 so that logits stay float32 under mixed_float16 / mixed_bfloat16 policies.
         x = keras.layers.Dense(
-            num_classes, activation=classifier_activation, dtype="float32", name="head"
+            num_classes,
+            activation=classifier_activation,
+            dtype="float32",
+            name="head",
+            **initializers(keras, initialization, int(x.shape[-1])),
         )(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -106,6 +106,7 @@ def test_overrides_parse_strings_to_field_types():
         ({"epochs": 2.5}, "`epochs` must be of type int"),
         ({"ema": "maybe"}, "`ema` must be true or false"),
         ({"keras_module": "torch"}, "`keras_module` must be one of"),
+        ({"initialization": "torch"}, "`initialization` must be one of"),
         ({"label_smoothing": 1.5}, r"`label_smoothing` must be in \[0, 1\)"),
         ({"label_smoothing": 1.0}, r"`label_smoothing` must be in \[0, 1\)"),
         ({"lr_max": 0}, "`lr_max` must be positive"),

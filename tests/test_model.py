@@ -115,6 +115,39 @@ def test_batchnorm_uses_pytorch_defaults(tiny_kwargs):
     assert all(bn.epsilon == 1e-5 and bn.momentum == 0.9 for bn in bns)
 
 
+def _fan_in(layer, dim: int, patch_size: int, kernel_size: int) -> int:
+    """PyTorch's fan_in of each weighted layer of a ConvMixer (per group for the depthwise)."""
+    if layer.name == "stem_conv":
+        return 3 * patch_size * patch_size
+    if layer.name.endswith("_dwconv"):
+        return kernel_size * kernel_size
+    return dim  # 1x1 convolutions and the classifier
+
+
+@pytest.mark.parametrize("keras_module", ["keras", "tf_keras"])
+def test_pytorch_initialization(tiny_kwargs, keras_module):
+    """initialization="pytorch": kernels and biases U(+-1/sqrt(fan_in)) as nn.Conv2d/nn.Linear
+    start (fan_in per group: 1/k for the depthwise kernels, not Keras' Glorot fans)."""
+    kwargs = {**tiny_kwargs, "dim": 64, "kernel_size": 5}
+    model = convmixer_tf.ConvMixer(**kwargs, initialization="pytorch", keras_module=keras_module)
+    checked = 0
+    for layer in model.layers:
+        if not layer.name.endswith(("stem_conv", "_dwconv", "_pwconv", "head")):
+            continue
+        bound = 1 / math.sqrt(_fan_in(layer, 64, kwargs["patch_size"], 5))
+        kernel, bias = (np.asarray(w) for w in layer.weights)
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, layer.name
+        # uniform over the whole interval: the spread of U(-b, b) is b / sqrt(3)
+        np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3), rtol=0.25, err_msg=layer.name)
+        assert np.abs(bias).max() > 0.5 * bound, layer.name  # not Keras' zero biases
+        checked += 1
+    assert checked == 1 + 2 * kwargs["depth"] + 1
+    # Keras' default: Glorot counts all channels in a depthwise kernel's fans (k*k*dim + k*k).
+    default = convmixer_tf.ConvMixer(**kwargs, keras_module=keras_module)
+    depthwise = np.asarray(default.get_layer("blocks_0_dwconv").weights[0])
+    assert np.abs(depthwise).max() <= math.sqrt(6 / (25 * 64 + 25)) < 0.2 / 3
+
+
 def test_layers_named_after_blocks(tiny_kwargs):
     names = [layer.name for layer in convmixer_tf.ConvMixer(**tiny_kwargs).layers]
     assert names[:5] == ["pixels", "preprocessing", "stem_conv", "stem_act", "stem_bn"]
@@ -182,6 +215,7 @@ def test_unknown_option_is_refused():
         (dict(depth=2.5), "depth"),
         (dict(std=(0.0, 1.0, 1.0)), "std"),
         (dict(keras_module="keras2"), "keras_module"),
+        (dict(initialization="torch"), "initialization"),
         (dict(weights="no/such/file.weights.h5"), "no/such/file"),
     ],
 )

@@ -53,6 +53,7 @@ class TrainConfig:
     kernel_size: int | None = None
     patch_size: int | None = None
     activation: str | None = None
+    initialization: str = "keras"  # or "pytorch" (convmixer_tf.ConvMixer's initialization)
     keras_module: str = "auto"  # auto: tf_keras for multi_worker, Keras 3 otherwise
     # Data: an image folder (data_dir) or a TFDS dataset (dataset), exactly one.
     data_dir: str | None = None  # class folders, or a root with train/ and val/ (validation/)
@@ -153,6 +154,7 @@ def check(config: TrainConfig) -> None:
     _choice("lr_scaling", config.lr_scaling, LR_SCALING_RULES)
     _choice("shard_policy", config.shard_policy, SHARD_POLICIES)
     _choice("activation", config.activation, (None, *constants.ACTIVATIONS))
+    _choice("initialization", config.initialization, constants.INITIALIZATIONS)
     if config.backup_freq is not None and config.backup_freq < 1:
         raise ValueError(
             f"`backup_freq` must be a positive number of steps or None (the default). "

@@ -138,6 +138,7 @@ def build_model(config: TrainConfig, num_classes: int, keras_module: str = "kera
         num_classes=num_classes,
         input_shape=(config.image_size, config.image_size, 3),
         synchronized_bn=config.sync_bn,
+        initialization=config.initialization,
         keras_module=keras_module,
         **overrides,
     )
