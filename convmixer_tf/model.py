@@ -255,9 +255,7 @@ def ConvMixer(  # noqa: N802 (keras.applications naming)
         )(x)
     x = apply_stem(x, keras, dim, patch_size, activation, synchronized_bn, initialization)
     for i in range(depth):
-        x = apply_block(
-            x, keras, i, dim, kernel_size, activation, synchronized_bn, initialization
-        )
+        x = apply_block(x, keras, i, dim, kernel_size, activation, synchronized_bn, initialization)
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -138,7 +138,9 @@ def test_pytorch_initialization(tiny_kwargs, keras_module):
         kernel, bias = (np.asarray(w) for w in layer.weights)
         assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, layer.name
         # uniform over the whole interval: the spread of U(-b, b) is b / sqrt(3)
-        np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3), rtol=0.25, err_msg=layer.name)
+        np.testing.assert_allclose(
+            kernel.std(), bound / math.sqrt(3), rtol=0.25, err_msg=layer.name
+        )
         assert np.abs(bias).max() > 0.5 * bound, layer.name  # not Keras' zero biases
         checked += 1
     assert checked == 1 + 2 * kwargs["depth"] + 1
