@@ -85,3 +85,13 @@ def test_resume_that_trains_something_else_is_refused(cifar10_train_dir, tmp_pat
         str(out), trainer.resolve_config(tiny_config(cifar10_train_dir, out, epochs=1,
                                                      verbose=1, backup_freq=5)).to_dict()
     )  # fmt: skip
+
+
+def test_resume_of_a_run_from_an_older_version(tmp_path):
+    """A key the saved config lacks (added since the run started) counts as its default: the
+    run resumes with the default and is refused with another value."""
+    defaults = {"epochs": 1, "initialization": "keras"}
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 1}))
+    rundir.check_resume(str(tmp_path), {"epochs": 1, "initialization": "keras"}, defaults)
+    with pytest.raises(ValueError, match="initialization: 'keras' -> 'pytorch'"):
+        rundir.check_resume(str(tmp_path), {"epochs": 1, "initialization": "pytorch"}, defaults)

@@ -164,10 +164,15 @@ def saved_config(output_dir: str) -> dict[str, Any]:
         raise ValueError(f"Cannot read the run's config {path!r}: {e}") from e
 
 
-def check_resume(output_dir: str, resolved: dict[str, Any]) -> None:
+def check_resume(
+    output_dir: str, resolved: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> None:
     """Raises a ValueError naming the keys in which ``resolved`` (the new run's resolved config,
-    as ``config.json`` stores it) differs from the saved run's, :data:`RESUMABLE_CHANGES` aside."""
-    saved = saved_config(output_dir)
+    as ``config.json`` stores it) differs from the saved run's, :data:`RESUMABLE_CHANGES` aside.
+
+    A key that the saved config lacks (a run started by an older version) counts as its value in
+    ``defaults``."""
+    saved = {**(defaults or {}), **saved_config(output_dir)}
     differing = {
         key: (saved.get(key), value)
         for key, value in resolved.items()

@@ -349,7 +349,9 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
                 removed = rundir.clear_outputs(output_dir)
                 logger.warning("--overwrite: removed %s from %s", removed, output_dir)
         elif state == "unfinished":
-            rundir.check_resume(output_dir, resolve_config(config).to_dict())
+            rundir.check_resume(
+                output_dir, resolve_config(config).to_dict(), TrainConfig().to_dict()
+            )
         return _train(config, extra_callbacks)
     finally:
         if lock is not None:
