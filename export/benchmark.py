@@ -306,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--torch-python", default=None, help="python of a venv with torch (PyTorch eager timing)"
     )
-    parser.add_argument("--machine", default="2-core x86 CPU, AVX2, no VNNI")
+    parser.add_argument(
+        "--machine", default=None, help="machine description (default: cores, CPU name and flags)"
+    )
     parser.add_argument("--output-dir", required=True, help="folder for the result files")
     parser.add_argument("--out-dir", dest="output_dir", action=cli.DeprecatedAlias,
                         new_option="--output-dir", help=argparse.SUPPRESS)  # fmt: skip
@@ -315,9 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_machine() -> str:
+    """This machine for the result tables, read at run time: cores, CPU name, the speed-relevant
+    CPU flags (``training.measure.CPU_FLAGS``)."""
+    from training import measure
+
+    flags = measure.cpu_flags()
+    return (
+        f"{os.cpu_count()}-core {measure.cpu_name()}, flags "
+        f"{' '.join(flags) if flags is not None else 'unknown'}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark ``args`` ask for; the table goes to stdout, progress to stderr."""
     files.check_writable(os.path.join(args.output_dir, "results.json"))
+    if args.machine is None:
+        args.machine = describe_machine()
     if args.imagenet_variants:
         rows = benchmark_imagenet_variants(args)
         lines = [f"Machine: {args.machine}. Batch 1, {args.threads} threads, median.", "",
@@ -345,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = convmixer_tf.create_model(args.preset)
     summary = benchmark_formats(model, args)
+    summary["machine"] = args.machine
     files.write_atomic(
         os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=1, default=str)
     )
