@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 
 from benchmarks import REPO_ROOT
-from training.measure import cpu_flags, cpu_name
+from training.measure import describe_machine
 
 
 def ours(args, mixed: bool) -> dict:
@@ -47,7 +46,7 @@ def table(rates: dict[str, list[float]], record: dict, torch_version: str) -> st
         f"ConvMixer-{record['dim']}/{record['depth']} (k{record['kernel_size']}, "
         f"p{record['patch_size']}, {record['image_size']}x{record['image_size']}), batch "
         f"{record['batch_size']}, one training step (the recipe's AdamW), synthetic data; "
-        f"{cpu_name()}, {os.cpu_count()} cores, flags {' '.join(cpu_flags() or [])}; "
+        f"{describe_machine()}; "
         f"PyTorch {torch_version}; median of {len(rates[next(iter(rates))])} interleaved rounds.",
         "",
         "| | img/s (rounds) | / PyTorch autocast bf16 | / our float32 |",

@@ -317,22 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_machine() -> str:
-    """This machine for the result tables, read at run time: cores, CPU name, the speed-relevant
-    CPU flags (``training.measure.CPU_FLAGS``)."""
-    from training import measure
-
-    flags = measure.cpu_flags()
-    return (
-        f"{os.cpu_count()}-core {measure.cpu_name()}, flags "
-        f"{' '.join(flags) if flags is not None else 'unknown'}"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark ``args`` ask for; the table goes to stdout, progress to stderr."""
     files.check_writable(os.path.join(args.output_dir, "results.json"))
     if args.machine is None:
+        from training.measure import describe_machine
+
         args.machine = describe_machine()
     if args.imagenet_variants:
         rows = benchmark_imagenet_variants(args)

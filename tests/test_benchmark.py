@@ -118,19 +118,21 @@ def test_mixed_precision_warns_on_cpus_without_bfloat16(monkeypatch, caplog):
     assert "could not be checked" in caplog.text
 
 
-def test_export_benchmark_names_this_machine(monkeypatch):
-    """The export benchmark's tables name the machine they ran on, read at run time (it was a
+def test_benchmarks_name_this_machine(monkeypatch):
+    """Benchmark tables name the machine they ran on, read at run time (export.benchmark had a
     fixed default string that mislabelled runs on other CPUs)."""
     import os
 
     from export import benchmark as export_benchmark
-    from training import measure
 
     monkeypatch.setattr(measure, "cpu_name", lambda: "Some CPU")
     monkeypatch.setattr(measure, "cpu_flags", lambda: ["avx2", "avx512_vnni"])
+    assert measure.describe_machine() == f"{os.cpu_count()}-core Some CPU, flags avx2 avx512_vnni"
     assert (
-        export_benchmark.describe_machine()
-        == f"{os.cpu_count()}-core Some CPU, flags avx2 avx512_vnni"
+        export_benchmark.build_parser()
+        .parse_args(["--preset", "convmixer_256_8", "--output-dir", "x"])
+        .machine
+        is None
     )
     monkeypatch.setattr(measure, "cpu_flags", lambda: None)
-    assert export_benchmark.describe_machine().endswith("flags unknown")
+    assert measure.describe_machine().endswith("flags unknown")

@@ -157,3 +157,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def describe_machine() -> str:
+    """This machine for result tables, read at run time: cores, CPU name and the speed-relevant
+    :data:`CPU_FLAGS` it has.
+
+    Example:
+        >>> describe_machine().startswith(f"{os.cpu_count()}-core ")
+        True
+    """
+    flags = cpu_flags()
+    return (
+        f"{os.cpu_count()}-core {cpu_name()}, flags "
+        f"{' '.join(flags) if flags is not None else 'unknown'}"
+    )
