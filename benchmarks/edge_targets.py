@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 import convmixer_tf
-from benchmarks.models import with_batch_norm_statistics
-from export import edge, tflite
+from convmixer_tf import cli, files
+from export import options as options_lib
 from export.constants import VELA_TARGETS
 
 DEFAULT_TARGETS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
@@ -49,6 +49,8 @@ def calibration_for(model, data_dir: str | None, count: int) -> np.ndarray:
 
 def tflm_arena(blob: bytes) -> dict:
     """TFLM's arena for ``blob`` from its allocation report (opened, not run), or why not."""
+    from export import edge
+
     interpreter, failure = edge._open_tflm(blob)
     if failure is not None:
         return {"tflm_arena_bytes": None, "tflm": failure["reason"]}
@@ -57,6 +59,8 @@ def tflm_arena(blob: bytes) -> dict:
 
 def measure(name: str, model, calibration: np.ndarray, targets, trained: bool,
             gelu: str = "exact") -> list[dict]:  # fmt: skip
+    from export import edge, tflite
+
     args = convmixer_tf.model_arguments(model)
     if gelu == "sigmoid" and args["activation"] == "gelu":
         from export import rewrite
@@ -103,41 +107,66 @@ def table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.edge_targets", description=__doc__)
-    parser.add_argument("--model", action="append", default=[], help="a trained .keras file")
-    parser.add_argument("--data-dir", default=None, help="calibration images for --model files")
-    parser.add_argument("--presets", nargs="*", default=[], choices=list(convmixer_tf.PRESETS))
-    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=VELA_TARGETS)
-    parser.add_argument("--calibration-images", type=int, default=32)
-    parser.add_argument(
-        "--gelu",
-        choices=("exact", "sigmoid"),
-        default="exact",
-        help="GELU models as exported with --gelu (sigmoid: TFLM can run them)",
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.edge_targets", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--model", action="append", default=[], type=cli.input_path,
+                        help="a trained .keras file (repeatable)")  # fmt: skip
+    parser.add_argument("--data-dir", default=None, type=cli.input_dir,
+                        help="calibration images for --model files")  # fmt: skip
+    parser.add_argument("--preset", nargs="+", default=[], choices=list(convmixer_tf.PRESETS),
+                        help="presets with random weights")  # fmt: skip
+    parser.add_argument("--presets", nargs="+", dest="preset", action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=VELA_TARGETS)
+    parser.add_argument("--calibration-images", type=cli.positive_int, default=32)
+    options_lib.add_arguments(parser, only=("gelu",))
+    parser.add_argument("--output", default=None, type=cli.output_path,
+                        help="also write the rows here (JSON)")  # fmt: skip
+    parser.add_argument("--json", dest="output", action=cli.DeprecatedAlias,
+                        new_option="--output", help=argparse.SUPPRESS)  # fmt: skip
+    cli.add_unsafe_argument(parser)
+    cli.add_debug_argument(parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures every model on every target; the table on stderr, the rows as one JSON line."""
+    from benchmarks.models import with_batch_norm_statistics
+    from export import edge
+
+    if not args.model and not args.preset:
+        raise ValueError("Nothing to measure: give --model FILE or --preset NAME.")
+    if args.output:
+        files.check_writable(args.output)
+        models = {f"--model {i + 1}": path for i, path in enumerate(args.model)}
+        files.check_not_input({"--output": args.output}, models)
     edge.require("vela")
     edge.require("tflm")
+    with cli.stdout_to_stderr():
+        rows = _measure(args, with_batch_norm_statistics)
+    if args.output:
+        files.write_atomic(args.output, json.dumps(rows, indent=1))
+    print(table(rows), file=sys.stderr)
+    cli.emit({"rows": rows, "output": args.output})
+    return 0
+
+
+def _measure(args, with_batch_norm_statistics) -> list[dict]:
     rows = []
     for path in args.model:
-        model = convmixer_tf.load_model(path)
+        model = convmixer_tf.load_model(path, unsafe=args.unsafe)
         calibration = calibration_for(model, args.data_dir, args.calibration_images)
         rows += measure(path, model, calibration, args.targets, trained=True, gelu=args.gelu)
-    for preset in args.presets:
+    for preset in args.preset:
         model = with_batch_norm_statistics(convmixer_tf.create_model(preset))
         calibration = calibration_for(model, None, args.calibration_images)
         rows += measure(preset, model, calibration, args.targets, trained=False, gelu=args.gelu)
-    if args.json:
-        from convmixer_tf import files
-
-        files.write_atomic(args.json, json.dumps(rows, indent=1))
-    print(table(rows))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

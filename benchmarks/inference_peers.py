@@ -29,7 +29,7 @@ import numpy as np
 import convmixer_tf
 from benchmarks import REPO_ROOT
 from benchmarks.models import with_batch_norm_statistics
-from convmixer_tf import presets
+from convmixer_tf import cli, files, presets
 from export import quantize, rewrite, tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
 from training.measure import cpu_flags, forward_macs
@@ -192,30 +192,51 @@ def table(rows: list[dict], flags: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["convmixer_1024_20"])
-    parser.add_argument("--kernel", type=int, default=None, help="override the kernel size")
-    parser.add_argument("--depthwise-tiles", nargs="+", default=["auto"],
-                        help="fp32 variants: auto, none, or a tile size")  # fmt: skip
-    parser.add_argument("--peers-python", default=None, help="python of requirements-bench.txt")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calibration-images", type=int, default=8)
-    parser.add_argument("--output", default=None, help="write the Markdown table here too")
-    args = parser.parse_args(argv)
-    args.depthwise_tiles = [None if t == "none" else t if t == "auto" else int(t)
-                            for t in args.depthwise_tiles]  # fmt: skip
-    rows = [row for name in args.models for row in benchmark_model(name, args.kernel, args)]
-    text = table(rows, cpu_flags() or [])
-    print(text)
-    if args.output:
-        from convmixer_tf import files
+def build_parser() -> argparse.ArgumentParser:
+    from export.options import depthwise_tile_arg
 
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.inference_peers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", nargs="+", default=["convmixer_1024_20"],
+                        choices=list(presets.PRESETS), help="presets (random weights)")  # fmt: skip
+    parser.add_argument("--models", nargs="+", dest="preset", action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--kernel", type=cli.positive_int, default=None,
+                        help="override the kernel size")  # fmt: skip
+    parser.add_argument("--depthwise-tiles", nargs="+", default=["auto"], type=depthwise_tile_arg,
+                        help="fp32 variants: auto, none, or a tile size")  # fmt: skip
+    cli.add_peers_python_argument(parser)
+    parser.add_argument("--threads", type=cli.positive_int, default=2)
+    parser.add_argument("--repeats", type=cli.positive_int, default=10)
+    parser.add_argument("--rounds", type=cli.positive_int, default=3)
+    parser.add_argument("--calibration-images", type=cli.positive_int, default=8)
+    parser.add_argument("--output", default=None, type=cli.output_path,
+                        help="write the Markdown table here too")  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures every engine; the table on stderr (and --output), the rows as one JSON line."""
+    if args.output:
+        files.check_writable(args.output)
+    unknown = [name for name in args.preset if name not in presets.PRESETS]
+    if unknown:  # the deprecated --models takes any value
+        raise ValueError(f"Unknown preset(s) {unknown}. Choices: {sorted(presets.PRESETS)}")
+    with cli.stdout_to_stderr():
+        rows = [row for name in args.preset for row in benchmark_model(name, args.kernel, args)]
+    text = table(rows, cpu_flags() or [])
+    print(text, file=sys.stderr)
+    if args.output:
         files.write_atomic(args.output, text + "\n")
-    return rows
+    cli.emit({"rows": rows, "output": args.output})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

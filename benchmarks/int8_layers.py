@@ -17,14 +17,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
-import convmixer_tf
-from export import tflite
-from export.pipeline import draw_calibration_images
+from convmixer_tf import cli
+from export import options as options_lib
 
 
 def all_tensors(blob: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -85,31 +83,38 @@ def compare(fp32_blob: bytes, int8_blob: bytes, images: np.ndarray) -> list[dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_layers", description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--images", type=int, default=64, help="held-out images compared")
-    parser.add_argument("--calibration-images", type=int, default=256)
-    parser.add_argument("--batch-norm", default="depthwise")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.int8_layers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", required=True, type=cli.input_path, help="a .keras model")
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir)
+    parser.add_argument("--images", type=cli.positive_int, default=64,
+                        help="held-out images compared")  # fmt: skip
+    options_lib.add_arguments(parser, only=("calibration_images", "batch_norm", "seed"))
+    cli.add_unsafe_argument(parser)
+    cli.add_debug_argument(parser)
     return parser
 
 
-def main(argv=None) -> int:
-    from convmixer_tf import cli
-
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Compares every op's int8 output with float; prints one JSON line (the rows)."""
     with cli.stdout_to_stderr():
         rows = _measure(args)
-    for row in rows:
-        print(json.dumps(row))
+    cli.emit({"model": args.model, "n": args.images, "ops": rows})
     return 0
 
 
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
 def _measure(args) -> list[dict]:
+    import convmixer_tf
+    from export import tflite
+    from export.pipeline import draw_calibration_images
     from training.data import load_dataset
 
-    model = convmixer_tf.load_model(args.model)
+    model = convmixer_tf.load_model(args.model, unsafe=args.unsafe)
     size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
     train, _ = load_dataset(data_dir=args.data_dir, split="train", image_size=size,
                             batch_size=64, shuffle=True, seed=args.seed)  # fmt: skip

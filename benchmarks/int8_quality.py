@@ -22,10 +22,9 @@ import time
 
 import numpy as np
 
-import convmixer_tf
+from convmixer_tf import cli
+from export import options as options_lib
 from export.constants import GELU_MODES
-from export.evaluate import evaluate
-from export.pipeline import export_model
 
 
 def held_out(data_dir: str, image_size, batch_size: int = 250):
@@ -55,22 +54,39 @@ def spread(values: list[float]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_quality", description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--ptq-seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--qat-seeds", type=int, nargs="*", default=[0, 1])
-    parser.add_argument("--qat-steps", type=int, default=100)
-    parser.add_argument("--qat-lr", type=float, default=1e-5)
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.int8_quality", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", required=True, type=cli.input_path, help="a .keras model")
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir)
+    parser.add_argument("--ptq-seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--qat-seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1])
+    parser.add_argument("--qat-steps", type=cli.positive_int, default=100)
     parser.add_argument("--gelu", nargs="+", choices=GELU_MODES, default=["exact"])
-    parser.add_argument("--depthwise-tile", default="auto")
-    parser.add_argument("--calibration-images", type=int, default=256)
+    options_lib.add_arguments(parser, only=("qat_lr", "depthwise_tile", "calibration_images"))
+    cli.add_unsafe_argument(parser)
+    cli.add_debug_argument(parser)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    model = convmixer_tf.load_model(args.model)
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exports and scores every file; rows on stderr, the summary as one JSON line."""
+    with cli.stdout_to_stderr():
+        summary = _measure(args)
+    cli.emit(summary)
+    return 0
+
+
+def _measure(args) -> dict:
+    import convmixer_tf
+    from export.evaluate import evaluate
+    from export.pipeline import export_model
+
+    model = convmixer_tf.load_model(args.model, unsafe=args.unsafe)
     size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
     batches = held_out(args.data_dir, size)
     n = sum(len(labels) for _, labels in batches)
@@ -104,8 +120,7 @@ def main(argv=None) -> int:
             if fmt == "qat":
                 summary[key]["fake_quant_top1"] = spread([r["keras_top1"] for r in results])
                 summary[key]["agreement"] = spread([r["agreement"] for r in results])
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -13,26 +13,41 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
-from training import distribute
+from convmixer_tf import cli
+from convmixer_tf.presets import PRESETS
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="convmixer_256_8", help="convmixer_tf preset")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.mirrored_overhead", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", default="convmixer_256_8", choices=list(PRESETS),
+                        help="convmixer_tf preset")  # fmt: skip
+    parser.add_argument("--model", dest="preset", action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--activation", default="relu", choices=("gelu", "relu"))
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating measurements")
-    return parser.parse_args(argv)
+    parser.add_argument("--replicas", type=cli.positive_int, default=2)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="global batch")
+    parser.add_argument("--steps", type=cli.positive_int, default=4,
+                        help="timed steps per measurement")  # fmt: skip
+    parser.add_argument("--warmup", type=cli.positive_int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2,
+                        help="alternating measurements")  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Times both strategies; prints one JSON line."""
+    from training import distribute
+
     mirrored = distribute.make_strategy({"strategy": "mirrored", "cpu_replicas": args.replicas})
     import keras
     import numpy as np
@@ -40,7 +55,7 @@ def main(argv=None) -> dict:
 
     import convmixer_tf
 
-    preset = convmixer_tf.get_preset(args.model)
+    preset = convmixer_tf.get_preset(args.preset)
     rng = np.random.default_rng(0)
     shape = (args.batch_size, *preset.input_size, 3)
     images = rng.uniform(0, 255, shape).astype("float32")
@@ -50,7 +65,7 @@ def main(argv=None) -> dict:
     def build(strategy):
         with strategy.scope():
             model = convmixer_tf.create_model(
-                args.model, activation=args.activation, synchronized_bn=True
+                args.preset, activation=args.activation, synchronized_bn=True
             )
             model.compile(
                 optimizer=keras.optimizers.AdamW(1e-3),
@@ -68,15 +83,15 @@ def main(argv=None) -> dict:
             seconds[name] += time.perf_counter() - start
     images_seen = args.repeats * args.steps * args.batch_size
     result = {
-        "model": f"{args.model} ({args.activation})",
+        "model": f"{args.preset} ({args.activation})",
         "global_batch": args.batch_size,
         "replicas": mirrored.num_replicas_in_sync,
         "img_per_s": {name: round(images_seen / s, 2) for name, s in seconds.items()},
     }
     result["mirrored_over_single"] = round(seconds["1 replica"] / seconds["mirrored"], 3)
-    print(json.dumps(result, indent=2))
-    return result
+    cli.emit(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,11 +8,12 @@ Linux only (reads /proc to find the worker's process id).
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.multi_worker_resume
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.multi_worker_resume --data-dir DATA/cifar10/train
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import tempfile
 
 from benchmarks import REPO_ROOT
+from convmixer_tf import cli
 
 KILL_AT = "[worker 1] BATCH 1 3"  # 0-based epoch 1, batch 3
 
@@ -49,7 +51,25 @@ def chief_weights(output: str) -> list:
     return [np.asarray(w) for w in json.loads(line.split("WEIGHTS ", 1)[1])]
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.multi_worker_resume", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir,
+                        help="image folder DIR/<class>/<image> (4 per class used)")  # fmt: skip
+    parser.add_argument("--batch-delay", type=cli.nonnegative_float, default=0.3,
+                        help="seconds each worker sleeps per batch (time to kill one)")  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the check; progress on stderr, the result as one JSON line; exit 0 when the
+    resumed job's weights equal the uninterrupted job's."""
     import numpy as np
 
     root = tempfile.mkdtemp(prefix="mw_resume_")
@@ -60,7 +80,7 @@ def main() -> int:
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     train_args = [
-        "--data-dir", os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "train"),
+        "--data-dir", os.path.abspath(args.data_dir),
         "--limit-per-class", "4", "--image-size", "16", "--dim", "16", "--depth", "1",
         "--kernel-size", "3", "--patch-size", "4", "--batch-size", "8", "--randaugment-ops", "0",
         "--no-hflip", "--scale", "1,1", "--val-split", "", "--verbose", "0",
@@ -69,13 +89,13 @@ def main() -> int:
     ]  # fmt: skip
     command = [
         sys.executable, "-m", "training.launch", "--workers", "2", "--module", "train_worker",
-        "--", "--batch-delay", "0.3", *train_args,
+        "--", "--batch-delay", str(args.batch_delay), *train_args,
     ]  # fmt: skip
     reference_command = [*command, "--output-dir", os.path.join(root, "reference")]
     reference = subprocess.run(
         reference_command, env=env, cwd=REPO_ROOT, capture_output=True, text=True
     )
-    print("uninterrupted run exit code:", reference.returncode)
+    print("uninterrupted run exit code:", reference.returncode, file=sys.stderr)
     first = subprocess.Popen(
         command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
@@ -85,23 +105,28 @@ def main() -> int:
             for pid in child_pids(first.pid):
                 with open(f"/proc/{pid}/environ") as f:
                     if '"index": 1' in f.read():
-                        print(f"kill -9 worker 1 (pid {pid})")
+                        print(f"kill -9 worker 1 (pid {pid})", file=sys.stderr)
                         os.kill(pid, signal.SIGKILL)
         elif line.startswith("[launch]"):
-            print(line.strip())
-    print("first run exit code:", first.wait())
+            print(line.strip(), file=sys.stderr)
+    first_status = first.wait()
 
     second = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     batches = [line for line in second.stdout.splitlines() if "BATCH" in line]
-    print("second run, first batches:", batches[:2])
-    print("second run exit code:", second.returncode)
-    print("chief wrote:", sorted(os.listdir(output_dir)))
     diff = max(
         float(np.abs(a - b).max())
         for a, b in zip(chief_weights(second.stdout), chief_weights(reference.stdout), strict=True)
     )
-    print(f"final weights, resumed vs uninterrupted: max abs diff {diff:.3g}")
-    return second.returncode
+    result = {
+        "uninterrupted_exit": reference.returncode,
+        "killed_run_exit": first_status,
+        "resumed_exit": second.returncode,
+        "resumed_first_batches": batches[:2],
+        "chief_wrote": sorted(os.listdir(output_dir)),
+        "max_abs_diff_resumed_vs_uninterrupted": diff,
+    }
+    cli.emit(result)
+    return 0 if second.returncode == 0 and diff == 0 else 1
 
 
 if __name__ == "__main__":

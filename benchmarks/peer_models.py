@@ -15,26 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
-import onnxruntime as ort
-import torch
-from onnxruntime import quantization
-from torch import nn
 
-
-class Residual(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x) + x
+from convmixer_tf import cli
 
 
 def convmixer(dim, depth, kernel_size, patch_size, num_classes, activation):
+    """The paper's ConvMixer in PyTorch."""
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x):
+            return self.fn(x) + x
+
     act = nn.GELU if activation == "gelu" else nn.ReLU
     return nn.Sequential(
         nn.Conv2d(3, dim, patch_size, stride=patch_size), act(), nn.BatchNorm2d(dim),
@@ -48,7 +49,21 @@ def convmixer(dim, depth, kernel_size, patch_size, num_classes, activation):
     )  # fmt: skip
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def parse_arch(text: str) -> dict:
+    """``--arch``: a JSON object of :func:`convmixer`'s arguments."""
+    names = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "activation")
+    try:
+        arch = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text[:80]!r}") from None
+    if not isinstance(arch, dict) or sorted(arch) != sorted(names):
+        raise argparse.ArgumentTypeError(f"must be a JSON object with the keys {names}")
+    return arch
+
+
+def load_weights(model, path: str) -> None:
+    import torch
+
     with np.load(path) as saved:
         state = {k: torch.from_numpy(saved[k]) for k in saved.files}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -68,25 +83,42 @@ def median_ms(run, repeats: int, warmup: int = 3) -> float:
     return 1000.0 * float(np.median(times))
 
 
-class Calibration(quantization.CalibrationDataReader):
-    def __init__(self, images: np.ndarray, name: str):
-        self.batches = iter([{name: image[None]} for image in images])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", required=True, help="JSON: dim, depth, kernel_size, ...")
-    parser.add_argument("--weights", required=True, help=".npz of the PyTorch state dict")
-    parser.add_argument("--images", required=True, help=".npz: probe (N,3,H,W), calibration")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.peer_models", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--arch", required=True, type=parse_arch,
+                        help="JSON: dim, depth, kernel_size, ...")  # fmt: skip
+    parser.add_argument("--weights", required=True, type=cli.input_file,
+                        help=".npz of the PyTorch state dict")  # fmt: skip
+    parser.add_argument("--images", required=True, type=cli.input_file,
+                        help=".npz: probe (N,3,H,W), calibration")  # fmt: skip
+    parser.add_argument("--threads", type=cli.positive_int, default=2)
+    parser.add_argument("--repeats", type=cli.positive_int, default=20)
     parser.add_argument("--skip-eager", action="store_true")
-    args = parser.parse_args(argv)
+    cli.add_debug_argument(parser)
+    return parser
 
-    arch = json.loads(args.arch)
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures the peers; prints one JSON line."""
+    cli.require_peers("torch", "onnxruntime", "onnx")
+    import onnxruntime as ort
+    import torch
+    from onnxruntime import quantization
+
+    class Calibration(quantization.CalibrationDataReader):
+        def __init__(self, images: np.ndarray, name: str):
+            self.batches = iter([{name: image[None]} for image in images])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    arch = args.arch
     torch.set_num_threads(args.threads)
     model = convmixer(**arch).eval()
     load_weights(model, args.weights)
@@ -127,9 +159,9 @@ def main(argv=None) -> dict:
         result[f"{name}_logits"] = np.concatenate(
             [session.run(None, {"pixels": image[None]})[0] for image in probe]
         ).tolist()
-    print(json.dumps(result))
-    return result
+    cli.emit(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,19 +11,21 @@ is not timed). ``img_per_s`` is the batch over the median step time.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
 import numpy as np
-import torch
-from torch import nn
 
-from benchmarks.peer_models import convmixer
+from benchmarks.peer_models import convmixer, parse_arch
+from convmixer_tf import cli
 
 PRECISIONS = ("float32", "autocast_bf16")
 
 
 def step_function(model, optimizer, precision: str, clip_norm: float, smoothing: float):
+    import torch
+    from torch import nn
+
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
 
     def step(x, y):
@@ -49,25 +51,49 @@ def time_steps(step, x, y, steps: int, warmup: int) -> float:
     return float(np.median(times))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", required=True, help="JSON: dim, depth, kernel_size, ...")
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    args = parser.parse_args(argv)
+def precisions(text: str) -> list[str]:
+    """``--precisions``: comma-separated names of :data:`PRECISIONS`."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in PRECISIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {PRECISIONS}. Received: {text!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.peer_training", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--arch", required=True, type=parse_arch,
+                        help="JSON: dim, depth, kernel_size, ...")  # fmt: skip
+    parser.add_argument("--image-size", type=cli.positive_int, required=True)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--steps", type=cli.positive_int, default=5)
+    parser.add_argument("--warmup-steps", type=cli.nonnegative_int, default=2)
+    parser.add_argument("--threads", type=cli.nonnegative_int, default=0,
+                        help="0: PyTorch's default")  # fmt: skip
+    parser.add_argument("--precisions", type=precisions, default=list(PRECISIONS))
+    parser.add_argument("--lr", type=cli.positive_float, default=0.01)
+    parser.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01)
+    parser.add_argument("--clip-norm", type=cli.positive_float, default=1.0)
+    parser.add_argument("--label-smoothing", type=cli.nonnegative_float, default=0.1)
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Times the PyTorch step; prints one JSON line."""
+    cli.require_peers("torch")
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    arch = json.loads(args.arch)
+    arch = args.arch
     batch, size = args.batch_size, args.image_size
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, arch["num_classes"], (batch,))
@@ -76,9 +102,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "memory_format": "channels_last",
     }
-    for precision in args.precisions.split(","):
-        if precision not in PRECISIONS:
-            parser.error(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    for precision in args.precisions:
         model = convmixer(**arch).to(memory_format=torch.channels_last).train()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=args.lr, weight_decay=args.weight_decay
@@ -86,9 +110,9 @@ def main(argv=None) -> dict:
         step = step_function(model, optimizer, precision, args.clip_norm, args.label_smoothing)
         median = time_steps(step, x, y, args.steps, args.warmup_steps)
         result[f"torch_{precision}_img_per_s"] = round(batch / median, 2)
-    print(json.dumps(result))
-    return result
+    cli.emit(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

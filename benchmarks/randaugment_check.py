@@ -13,6 +13,7 @@ over ``--images`` images.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -20,28 +21,45 @@ import sys
 import tempfile
 
 import numpy as np
-import tensorflow as tf
 
 from benchmarks import REPO_ROOT
-from training import augment
+from convmixer_tf import cli
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers-python", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--magnitude", type=int, default=12)
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.randaugment_check", description=__doc__.splitlines()[0]
+    )
+    cli.add_peers_python_argument(parser, required=True)
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir,
+                        help="image folder DIR/<class>/<image>")  # fmt: skip
+    parser.add_argument("--images", type=cli.positive_int, default=64)
+    parser.add_argument("--magnitude", type=cli.nonnegative_int, default=12,
+                        help="magnitude bin, 0-30")  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
 
-    classes = sorted(os.listdir(args.data_dir))
-    files = [
-        os.path.join(args.data_dir, name, file)
-        for i in range(args.images)
-        for name in [classes[i % len(classes)]]
-        for file in [sorted(os.listdir(os.path.join(args.data_dir, name)))[i // len(classes)]]
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compares every op with torchvision's; rows on stderr, all of them as one JSON line."""
+    if args.magnitude > 30:
+        raise ValueError(f"--magnitude must be at most 30. Received: {args.magnitude}")
+    import tensorflow as tf
+
+    from training import augment, data
+
+    folder = data.scan_image_folder(args.data_dir, split="all")
+    by_class = [
+        [p for p, y in zip(folder.paths, folder.labels, strict=True) if y == label]
+        for label in range(len(folder.class_names))
     ]
-    images = np.stack([tf.io.decode_image(tf.io.read_file(f), 3).numpy() for f in files])
+    # Class by class in turn: the first image of every class, then the second, ...
+    paths = [p for group in itertools.zip_longest(*by_class) for p in group if p][: args.images]
+    images = np.stack([data.decode_image_file(tf.constant(p)).numpy() for p in paths])
     folder = tempfile.mkdtemp()
     inputs, outputs = os.path.join(folder, "in.npz"), os.path.join(folder, "out.npz")
     np.savez(inputs, images=images)
@@ -49,7 +67,7 @@ def main(argv=None) -> list[dict]:
                "--output", outputs, "--magnitude", str(args.magnitude)]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"torchvision's run failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"torchvision's run failed:\n{done.stderr[-3000:]}")
     rows = []
     with np.load(outputs) as theirs:
         for key in theirs.files:
@@ -65,9 +83,10 @@ def main(argv=None) -> list[dict]:
                          "equal": round(float(np.mean(difference == 0)), 4),
                          "mean_abs_diff": round(float(difference.mean()), 3),
                          "max_abs_diff": float(difference.max())})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    cli.emit({"magnitude": args.magnitude, "images": len(images), "ops": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ worker's stream, so ``training.distribute.with_shard_policy`` makes the maps kee
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.shard_overlap
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.shard_overlap --data-dir DATA/cifar10/train
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 
-from benchmarks import REPO_ROOT
+from convmixer_tf import cli
 
 
-def worker(limit_per_class: int) -> None:
+def worker(data_dir: str, limit_per_class: int) -> None:
     """One worker: prints ``SEEN <json list of image hashes>`` for one epoch."""
     from training import distribute
 
@@ -33,7 +32,7 @@ def worker(limit_per_class: int) -> None:
     from training.config import TrainConfig
 
     config = TrainConfig(
-        data_dir=os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "train"),
+        data_dir=data_dir,
         limit_per_class=limit_per_class, image_size=16, batch_size=20, randaugment_ops=0,
         hflip=False, scale=(1.0, 1.0), val_split="",
     )  # fmt: skip
@@ -49,23 +48,36 @@ def worker(limit_per_class: int) -> None:
     print("SEEN " + json.dumps(seen), flush=True)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit-per-class", type=int, default=20)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.shard_overlap", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir,
+                        help="image folder DIR/<class>/<image> (10 classes)")  # fmt: skip
+    parser.add_argument("--limit-per-class", type=cli.positive_int, default=20)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args.limit_per_class)
-        return {}
+    cli.add_debug_argument(parser)
+    return parser
 
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Launches the workers, compares what they saw; prints one JSON line."""
+    if args.worker:
+        worker(args.data_dir, args.limit_per_class)
+        return 0
     from training import launch
 
     program = [sys.executable, "-m", "benchmarks.shard_overlap", "--worker"]
-    program += ["--limit-per-class", str(args.limit_per_class)]
+    program += ["--data-dir", args.data_dir, "--limit-per-class", str(args.limit_per_class)]
     output = io.StringIO()
     status = launch.launch(program, 2, output=output)
     if status:
-        raise SystemExit(output.getvalue()[-3000:])
+        print(output.getvalue()[-3000:], file=sys.stderr)
+        return status
     seen = {}
     for line in output.getvalue().splitlines():
         prefix, _, text = line.partition("] ")
@@ -78,9 +90,9 @@ def main(argv=None) -> dict:
         "seen_by_both": len(first & second),
         "seen_by_neither": 10 * args.limit_per_class - len(first | second),
     }
-    print(json.dumps(result))
-    return result
+    cli.emit(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,27 +18,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 import convmixer_tf
 from benchmarks.models import with_batch_norm_statistics
+from convmixer_tf import cli
 from export import tflite
 from export.benchmark import latency_ms, matmul_peak_gflops, xnnpack_partitions
 from training.measure import forward_macs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--kernel-size", type=int, default=5)
-    parser.add_argument("--patch-size", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=20, help="invocations per measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurements")
-    return parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.tflite_breakdown", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--dim", type=cli.positive_int, default=256)
+    parser.add_argument("--depth", type=cli.positive_int, default=8)
+    parser.add_argument("--kernel-size", type=cli.positive_int, default=5)
+    parser.add_argument("--patch-size", type=cli.positive_int, default=2)
+    parser.add_argument("--image-size", type=cli.positive_int, default=32)
+    parser.add_argument("--threads", type=cli.positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=cli.positive_int, default=20,
+                        help="invocations per measurement")  # fmt: skip
+    parser.add_argument("--rounds", type=cli.positive_int, default=5,
+                        help="interleaved measurements")  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
 
 
 def convs_only(args):
@@ -55,8 +62,24 @@ def convs_only(args):
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures; one row per line on stderr, all rows as one JSON line."""
+    if args.image_size % args.patch_size:
+        raise ValueError(
+            f"--image-size ({args.image_size}) must be a multiple of --patch-size "
+            f"({args.patch_size})."
+        )
+    with cli.stdout_to_stderr():
+        rows = _measure(args)
+    cli.emit({"rows": rows})
+    return 0
+
+
+def _measure(args) -> list[dict]:
     size = args.image_size
     images = np.random.default_rng(1).uniform(0, 255, (64, size, size, 3)).astype("float32")
     arch = dict(
@@ -100,9 +123,9 @@ def main(argv=None) -> list[dict]:
                      peaks_measured=[round(p, 1) for p in peaks[t]], bound_ms=round(bound_ms, 3))
             )  # fmt: skip
     for row in rows:
-        print(json.dumps(row))
+        print(json.dumps(row), file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

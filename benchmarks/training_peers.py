@@ -21,13 +21,14 @@ import subprocess
 import sys
 
 from benchmarks import REPO_ROOT
-from training.measure import describe_machine
+from convmixer_tf import cli, files
+from convmixer_tf.presets import PRESETS
 
 
 def ours(args, mixed: bool) -> dict:
     """One ``training.benchmark`` record; the float32 one also times PyTorch right after ours,
     with the recipe's optimizer settings (``--peers torch``)."""
-    command = [sys.executable, "-m", "training.benchmark", "--model", args.model]
+    command = [sys.executable, "-m", "training.benchmark", "--preset", args.preset]
     command += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     if mixed:
         command += ["--mixed-precision", "--peers", "none"]
@@ -40,6 +41,8 @@ def ours(args, mixed: bool) -> dict:
 
 
 def table(rates: dict[str, list[float]], record: dict, torch_version: str) -> str:
+    from training.measure import describe_machine
+
     median = {name: statistics.median(values) for name, values in rates.items()}
     base = median["torch autocast bf16"]
     lines = [
@@ -61,15 +64,32 @@ def table(rates: dict[str, list[float]], record: dict, torch_version: str) -> st
     return "\n".join(lines)
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="convmixer_256_8")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--peers-python", required=True, help="Python with requirements-bench")
-    parser.add_argument("--json", help="write the records here")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.training_peers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", default="convmixer_256_8", choices=list(PRESETS))
+    parser.add_argument("--model", dest="preset", action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--steps", type=cli.positive_int, default=8)
+    parser.add_argument("--rounds", type=cli.positive_int, default=3)
+    cli.add_peers_python_argument(parser, required=True)
+    parser.add_argument("--output", type=cli.output_path, help="write the records here (JSON)")
+    parser.add_argument("--json", dest="output", action=cli.DeprecatedAlias,
+                        new_option="--output", help=argparse.SUPPRESS)  # fmt: skip
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Interleaves the rounds; the table on stderr, the medians as one JSON line."""
+    if args.output:
+        files.check_writable(args.output)
 
     names = ("ours float32", "ours mixed_bfloat16", "torch eager float32", "torch autocast bf16")
     rates: dict[str, list[float]] = {name: [] for name in names}
@@ -83,12 +103,13 @@ def main(argv=None) -> str:
         rates["torch autocast bf16"].append(fp32["torch_autocast_bf16_img_per_s"])
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     text = table(rates, records[0]["float32"], records[0]["float32"]["torch"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-    print(text)
-    return text
+    if args.output:
+        files.write_atomic(args.output, json.dumps(records, indent=1))
+    print(text, file=sys.stderr)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    cli.emit({"img_per_s": medians, "rounds": args.rounds, "output": args.output})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

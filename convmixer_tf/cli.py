@@ -1,14 +1,23 @@
 """The conventions every command line of this project follows (``convmixer_tf``, ``training``,
 ``export``).
 
-- ``build_parser()`` builds the argparse parser; ``main(argv=None) -> int`` returns the exit code;
+- ``build_parser()`` builds the parser (an :class:`ArgumentParser`, whose usage errors are one
+  line too); ``main(argv=None) -> int`` returns the exit code;
   ``if __name__ == "__main__": sys.exit(main())``.
-- ``--output`` names a file, ``--output-dir`` a folder.
+- One option name means one kind of thing everywhere: ``--output`` a file, ``--output-dir`` a
+  folder, ``--model`` a variant name (``convmixer_tf.PRESETS``), ``--model-file`` a model file
+  (``.keras``, ``.tflite``), ``--peers-python`` the Python of ``requirements-bench.txt``.
+- Values are checked when parsed, before any work: numbers by the argparse types here
+  (:func:`positive_int`, :func:`finite_float`, ...: finite and in range), input files by
+  :func:`input_file` / :func:`input_dir` / :func:`input_path` (they exist), and no output may be
+  one of the command's inputs (:func:`convmixer_tf.files.check_not_input`).
 - A user's mistake (a missing or corrupt file, a bad value, a model that does not fit) is one
   line on stderr naming the problem, exit code 2, no traceback; ``--debug`` shows the traceback.
   :func:`run` does this around a command's work.
-- Machine-readable results are one JSON line on stdout; everything else, the TFLite converter's
-  C++ logging included, goes to stderr (:func:`stdout_to_stderr`).
+- Machine-readable results are exactly one JSON line on stdout (:func:`emit`: strict JSON, a
+  non-finite number becomes ``null``); progress, tables and everything else, the TFLite
+  converter's C++ logging included, go to stderr (:func:`stdout_to_stderr`) or to the files
+  named by ``--output`` / ``--output-dir``.
 
 Example:
     >>> import argparse
@@ -25,15 +34,160 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 USER_ERROR = 2
 # Exceptions that mean "the input is wrong", not "the program is wrong". Library code raises
 # ValueError naming the file or value; OSError covers files that cannot be read or written.
 USER_ERRORS = (ValueError, OSError)
+
+
+class UsageError(ValueError):
+    """A command line argparse cannot parse (unknown option, bad value, missing option)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a :class:`UsageError` (one line, exit code 2 through
+    :func:`run`) instead of the usage text and ``sys.exit``; ``--help`` works as usual."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number. Received: {text!r}")
+    return value
+
+
+def _checked(kind: type, test: Callable[[Any], bool], what: str, name: str):
+    def parse(text: str):
+        value = _number(kind, text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}. Received: {text!r}")
+        return value
+
+    parse.__name__ = name
+    parse.what = what  # for messages (and the entry-point tests)
+    parse.accepts = lambda value: (  # the same rule for values given in Python
+        not isinstance(value, bool)
+        and isinstance(value, int if kind is int else int | float)
+        and math.isfinite(value)
+        and test(value)
+    )
+    return parse
+
+
+# argparse types: numbers that are finite and in range (the message names the rule).
+positive_int = _checked(int, lambda v: v > 0, "a positive integer", "positive_int")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0", "nonnegative_int")
+finite_float = _checked(float, lambda v: True, "a finite number", "finite_float")
+positive_float = _checked(float, lambda v: v > 0, "a positive finite number", "positive_float")
+nonnegative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
+fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "fraction")
+NUMBER_TYPES = (positive_int, nonnegative_int, finite_float, positive_float, nonnegative_float,
+                fraction)  # fmt: skip
+
+
+def input_file(text: str) -> str:
+    """argparse type: an existing file (not a folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"file not found: {text!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    return text
+
+
+def input_dir(text: str) -> str:
+    """argparse type: an existing folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    if not os.path.isdir(text):
+        what = "is a file, not a directory" if os.path.exists(text) else "directory not found"
+        raise argparse.ArgumentTypeError(f"{what}: {text!r}")
+    return text
+
+
+def input_path(text: str) -> str:
+    """argparse type: an existing file or folder (a ``.keras`` file or a SavedModel)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"not found: {text!r}")
+    return text
+
+
+def output_path(text: str) -> str:
+    """argparse type: a path to write (not empty; checked for writability by the command)."""
+    if not text or not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
+INPUT_TYPES = (input_file, input_dir, input_path)
+
+
+def emit(record: Any) -> None:
+    """Prints ``record`` as the command's one JSON line on stdout (strict JSON: NaN and
+    infinities become ``null``)."""
+    print(json.dumps(finite_json(record), allow_nan=False), flush=True)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it is valid JSON.
+
+    Example:
+        >>> finite_json({"loss": float("nan"), "acc": [0.5, float("inf")]})
+        {'loss': None, 'acc': [0.5, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+PEERS_HINT = (
+    "run it with the Python of the peers' environment (python3.11 -m venv .torchvenv && "
+    ".torchvenv/bin/pip install -r requirements-bench.txt)"
+)
+
+
+def require_peers(*modules: str) -> None:
+    """A ValueError (one line, exit 2) if a peer library (torch, onnxruntime) is missing: the
+    benchmarks' peer sides run in the peers' environment, not in this project's."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not installed here: {PEERS_HINT}.")
+
+
+def add_peers_python_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--peers-python``: the Python of requirements-bench.txt (``--torch-python``: old name)."""
+    parser.add_argument(
+        "--peers-python", required=required, default=None, type=input_file,
+        help="the Python of the peers' environment (requirements-bench.txt: PyTorch, ONNX "
+        "Runtime)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--torch-python", dest="peers_python", type=input_file, action=DeprecatedAlias,
+        new_option="--peers-python", help=argparse.SUPPRESS,
+    )  # fmt: skip
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +214,14 @@ def run(
 
     ``KeyboardInterrupt`` exits with 130 without a traceback, as shells expect.
     """
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        if debug:
+            raise
+        return report(parser.prog, e)
     try:
         status = work(args)
     except USER_ERRORS as e:

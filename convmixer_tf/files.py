@@ -187,3 +187,70 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             data = data.encode("utf-8")
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def _same_or_inside(path: str, other: str) -> bool:
+    """Whether ``path`` is ``other`` (same resolved path or the same inode) or lies inside
+    the folder ``other``."""
+    real, real_other = os.path.realpath(path), os.path.realpath(other)
+    if real == real_other:
+        return True
+    with contextlib.suppress(OSError):
+        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            return True  # a hard link, or another name of the same file
+    if os.path.isdir(other):
+        return os.path.commonpath([real, real_other]) == real_other
+    return False
+
+
+def check_not_input(outputs, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuses a command whose output would overwrite one of its inputs, or land inside an
+    input folder (a data folder would gain a class, a model folder a file).
+
+    ``inputs`` maps an option name (used in the message) to a path; ``outputs`` too, or is a
+    list of ``(option name, path)`` pairs (several files of one option). None paths are
+    ignored. Paths are compared after resolving links, and by inode when both exist.
+
+    Example:
+        >>> check_not_input({"--output": "m.keras"}, {"--model": "./m.keras"})
+        Traceback (most recent call last):
+        ...
+        ValueError: --output 'm.keras' is the input --model './m.keras': ...
+    """
+    for out_name, out in outputs.items() if isinstance(outputs, dict) else outputs:
+        if out is None or "://" in os.fspath(out):
+            continue
+        for in_name, source in inputs.items():
+            if source is None or "://" in os.fspath(source):
+                continue
+            out, source = os.fspath(out), os.fspath(source)
+            if _same_or_inside(out, source):
+                inside = os.path.isdir(source) and os.path.realpath(out) != os.path.realpath(source)
+                where = "is inside" if inside else "is"
+                raise ValueError(
+                    f"{out_name} {out!r} {where} the input {in_name} {source!r}: it would be "
+                    "overwritten or changed. Write the output somewhere else."
+                )
+
+
+def check_label(name: str, source: str = "class name") -> str:
+    """Returns ``name`` if it is printable single-line text, else a ValueError naming it: one
+    class must be one line in every labels file (``labels.txt``, ``class_names.json``, the
+    .tflite's metadata)."""
+    if not name or not name.isprintable():
+        raise ValueError(
+            f"{source} {name!r} is empty or holds a non-printable character (a newline, a tab, "
+            "a control code): one class must be one line of text. Rename it."
+        )
+    return name
+
+
+def write_all(contents: dict[str | os.PathLike, bytes | str]) -> None:
+    """Writes several files all or nothing: each is written under a temporary name first, and
+    only when every one is written are they renamed into place (if one fails, no file is
+    replaced or created)."""
+    with contextlib.ExitStack() as stack:
+        for path, data in contents.items():
+            tmp = stack.enter_context(replacing(path))
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)

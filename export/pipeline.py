@@ -27,11 +27,8 @@ import convmixer_tf
 from convmixer_tf import files, imagenet
 from convmixer_tf.constants import INTERPOLATIONS
 from export import quantize, saved_model, tflite
-from export.constants import BATCH_NORM_MODES, FORMATS, GELU_MODES, INTEGER_FORMATS, IO_TYPES
-
-DEFAULT_CALIBRATION_IMAGES = 256
-# Images TFLite Micro runs to compare its outputs with LiteRT's (its kernels are slow).
-DEFAULT_TFLM_IMAGES = 32
+from export.constants import FORMATS, INTEGER_FORMATS
+from export.options import ExportOptions, parse_depthwise_tile, resolve
 
 
 @dataclasses.dataclass
@@ -58,67 +55,32 @@ def draw_calibration_images(dataset, count: int) -> np.ndarray:
     return np.concatenate(images)[:count].astype(np.float32)
 
 
-def parse_depthwise_tile(value: str | int | None) -> str | int | None:
-    """``"auto"``, ``"none"`` / None, or a positive tile size (an int or its string)."""
-    if value in ("auto", "none", None):
-        return None if value in ("none", None) else "auto"
-    try:
-        tile = int(value)
-    except (TypeError, ValueError):
-        tile = 0
-    if tile < 1:
-        raise ValueError(
-            f"depthwise_tile must be auto, none or a positive int. Received: {value!r}"
-        )
-    return tile
-
-
-def check_request(
-    fmt: str,
-    *,
-    has_data: bool,
-    io_type: str = "int8",
-    depthwise_tile: str | int | None = "auto",
-    batch_norm: str = "depthwise",
-    qat_steps: int | None = None,
-    qat_epochs: float | None = None,
-    calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
-    gelu: str = "exact",
-) -> None:
-    """Raises a ValueError naming the option whose value cannot work; no TensorFlow work."""
-    parse_depthwise_tile(depthwise_tile)
+def check_request(fmt: str, options: ExportOptions, *, has_data: bool) -> None:
+    """Raises a ValueError naming the option that cannot work with ``fmt``; no TensorFlow
+    work (each option's own range is checked by :class:`ExportOptions`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}. Received: {fmt!r}")
-    if io_type not in IO_TYPES:
-        raise ValueError(f"io must be one of {IO_TYPES}. Received: {io_type!r}")
-    if batch_norm not in BATCH_NORM_MODES:
-        raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}. Received: {batch_norm!r}")
-    if gelu not in GELU_MODES:
-        raise ValueError(f"gelu must be one of {GELU_MODES}. Received: {gelu!r}")
-    if gelu != "exact" and fmt == "saved_model":
+    if options.gelu != "exact" and fmt == "saved_model":
         raise ValueError("gelu 'sigmoid' applies to .tflite formats; a SavedModel is exact.")
-    integer = fmt in INTEGER_FORMATS
-    if integer and not has_data and not isinstance(calibration_images, np.ndarray):
+    images_given = isinstance(options.calibration_images, np.ndarray)
+    if fmt in INTEGER_FORMATS and not has_data and not images_given:
         raise ValueError(
             f"format {fmt} needs training data for calibration"
             f"{' and fine-tuning' if fmt == 'qat' else ''}: pass --data-dir or --dataset."
         )
     if fmt == "qat":
-        if batch_norm != "depthwise":
+        if options.batch_norm != "depthwise":
             raise ValueError(
                 "batch_norm 'mul' applies to format int8 only: QAT always computes its "
                 "BatchNorms as depthwise convs (what its fake-quant model is trained for)."
             )
-        if qat_steps is None and qat_epochs is None:
+        if options.qat_steps is None and options.qat_epochs is None:
             raise ValueError("format qat needs --qat-steps or --qat-epochs.")
+        if options.qat_steps is not None and options.qat_epochs is not None:
+            raise ValueError("give --qat-steps or --qat-epochs, not both.")
         if not has_data:
             raise ValueError("format qat needs training data: pass --data-dir or --dataset.")
-    if qat_steps is not None and qat_steps < 1:
-        raise ValueError(f"qat_steps must be positive. Received: {qat_steps}")
-    if qat_epochs is not None and qat_epochs <= 0:
-        raise ValueError(f"qat_epochs must be positive. Received: {qat_epochs}")
-    if not isinstance(calibration_images, np.ndarray) and calibration_images < 1:
-        raise ValueError(f"calibration_images must be positive. Received: {calibration_images}")
+    edge_targets(options.targets, fmt)
 
 
 def edge_targets(targets: Sequence[str] | None, fmt: str) -> list[str]:
@@ -129,21 +91,21 @@ def edge_targets(targets: Sequence[str] | None, fmt: str) -> list[str]:
     return edge.check_targets(targets or (), fmt)
 
 
-def _check_targets(blob, targets, output, *, main_output, images, tflm_images, vela_options):
-    """Runs each target's tool on ``blob``; writes Vela's files (and the TFLM file when it is
-    not the main output) beside ``output``; returns the report per target."""
+def _check_targets(blob, targets, output, *, main_output, images, options):
+    """Runs each target's tool on ``blob``; returns the report per target and the files to
+    write beside ``output`` (Vela's, and the TFLM file when it is not the main output)."""
     from export import edge
     from export.constants import TFLM_TARGET
 
     graph = "the main output" if main_output else "untiled depthwise convs"
-    reports = {}
+    reports, outputs = {}, {}
     tflm = None
     if TFLM_TARGET in targets:
-        tflm = edge.run_tflm(blob, images[:tflm_images])
+        tflm = edge.run_tflm(blob, images[: options.tflm_images])
         tflm["graph"] = graph
         if output is not None and not main_output:
             path = edge.target_path(output, TFLM_TARGET)
-            files.write_atomic(path, blob)
+            outputs[path] = blob
             tflm["output"] = path
         elif output is not None:
             tflm["output"] = os.fspath(output)
@@ -151,18 +113,21 @@ def _check_targets(blob, targets, output, *, main_output, images, tflm_images, v
     for target in targets:
         if target == TFLM_TARGET:
             continue
-        optimized, vela = edge.run_vela(blob, target, **vela_options)
+        optimized, vela = edge.run_vela(
+            blob, target, system_config=options.vela_system_config,
+            memory_mode=options.vela_memory_mode, config=options.vela_config,
+        )  # fmt: skip
         vela["graph"] = graph
         if output is not None:
             path = edge.target_path(output, target)
-            files.write_atomic(path, optimized)
+            outputs[path] = optimized
             vela["output"] = path
         if tflm is None and edge.tflm_installed():
             tflm = edge.tflm_ops_check(blob)
         if tflm is not None:
             vela["tflm_chain"] = edge.micro_chain(vela, tflm)
         reports[target] = vela
-    return reports
+    return reports, outputs
 
 
 def _check_class_names(class_names, model) -> None:
@@ -220,161 +185,172 @@ def training_run_settings(model_path: str | os.PathLike) -> dict:
     return settings
 
 
+def output_paths(fmt: str, output: str | os.PathLike, options: ExportOptions) -> list[str]:
+    """Every path an export to ``output`` may write (the file or folder, its labels, the edge
+    targets' files): what the command checks against its inputs before any work."""
+    if fmt == "saved_model":
+        return [os.fspath(output)]
+    from export import edge
+
+    paths = [os.fspath(output), tflite.labels_path(output)]
+    return paths + [edge.target_path(output, target) for target in options.targets]
+
+
 def export_model(
     model,
     fmt: str,
     output: str | os.PathLike | None = None,
     *,
     data: Mapping | None = None,
-    calibration_images: int | np.ndarray = DEFAULT_CALIBRATION_IMAGES,
     class_names: Sequence[str] | None = None,
-    input_size: int | None = None,
-    crop_pct: float = imagenet.CROP_PCT,
-    interpolation: str = imagenet.INTERPOLATION,
-    io_type: str = "int8",
-    depthwise_tile: str | int | None = "auto",
-    batch_norm: str = "depthwise",
-    gelu: str = "exact",
-    qat_steps: int | None = None,
-    qat_epochs: float | None = None,
-    qat_lr: float = 1e-5,
-    qat_batch_size: int = 64,
-    edgetpu: bool = False,
-    targets: Sequence[str] = (),
-    vela_system_config: str | None = None,
-    vela_memory_mode: str | None = None,
-    vela_config: str | None = None,
-    tflm_images: int = DEFAULT_TFLM_IMAGES,
-    seed: int = 0,
-    verbose: int = 2,
+    options: ExportOptions | None = None,
+    **overrides,
 ) -> ExportResult:
     """Converts a Keras ConvMixer to a .tflite of ``fmt`` or a serving SavedModel.
+
+    Every file it writes (the .tflite, its labels, the edge targets' files) appears only once
+    all of them are made: a failure at any stage leaves nothing new behind.
 
     Args:
         model: a Keras 3 or tf_keras ConvMixer (for example from :func:`convmixer_tf.load_model`).
         fmt: ``"fp32"``, ``"fp16"``, ``"dynamic"``, ``"int8"`` (post-training), ``"qat"``, or
             ``"saved_model"`` (:mod:`export.saved_model`).
-        output: the .tflite path (written atomically, the class names beside it as
-            ``<name>.labels.txt``; None returns the bytes only), or the SavedModel folder.
+        output: the .tflite path (the class names beside it as ``<name>.labels.txt``; None
+            returns the bytes only), or the SavedModel folder.
         data: the training data, as :func:`training.data.load_dataset` keyword arguments that
             name it (``data_dir`` or ``dataset``, ``tfds_data_dir``, ``validation_fraction``,
             ``limit_per_class``): calibration images, QAT batches and class names come from its
             training split.
-        calibration_images: how many training images calibrate int8 ranges, or the images
-            themselves (raw pixels, ``(N, H, W, 3)``).
         class_names: stored in the .tflite's metadata; default: the data's class names.
-        input_size: a square input size for models without a fixed one (a SavedModel keeps
-            the free size for its pixel signature and resizes image files to this one).
-        crop_pct, interpolation: the evaluation transform of the SavedModel's image-file
-            signature (the variant's, or the training run's).
-        io_type: input/output type of the integer formats, ``"int8"`` or ``"uint8"``.
-        depthwise_tile, batch_norm: see :func:`export.tflite.prepare_keras_model`.
-        gelu: ``"exact"`` (TFLite's GELU op) or ``"sigmoid"``: a GELU model's activations as
-            ``x * sigmoid(1.702 x)`` (:func:`export.rewrite.gelu_as_silu`; LOGISTIC + MUL, one
-            XNNPACK partition in int8, runs in TFLite Micro); QAT then trains that graph.
-        qat_steps, qat_epochs: QAT length (one of them for ``"qat"``).
-        qat_lr, qat_batch_size: QAT's AdamW learning rate and batch size.
-        edgetpu: add the Edge TPU op check to the report.
-        targets: edge targets checked by their own tools (:mod:`export.edge`, int8 and qat
-            only): Vela accelerator configurations (``"ethos-u55-128"``, ...; the optimized file
-            is written beside ``output`` as ``<name>.<target>.tflite``) and ``"tflm"`` (TFLite
-            Micro: runs ``tflm_images`` calibration images, compares with LiteRT, measures the
-            arena). With ``depthwise_tile="auto"`` these tools get the untiled graph (smaller
-            and faster there, docs/export.md); it is written as ``<name>.tflm.tflite`` when it
-            differs from ``output``.
-        vela_system_config, vela_memory_mode, vela_config: Vela's system configuration, memory
-            mode and .ini file (default: Vela's own per accelerator family).
-        tflm_images: how many images the TFLite Micro comparison runs.
-        seed: draws the calibration images and orders (and seeds) QAT's batches: exports with
-            different seeds measure the spread over calibration draws and QAT runs.
-        verbose: Keras' verbosity during QAT.
+        options: an :class:`export.options.ExportOptions` (its fields document every option:
+            calibration, QAT length and learning rate, depthwise tiling, BatchNorm and GELU
+            forms, edge targets, the SavedModel's crop and interpolation, ...).
+        **overrides: fields of ``options`` by name (``qat_steps=100``, ``targets=["tflm"]``).
 
     Returns:
         An :class:`ExportResult`; ``report`` is what ``python -m export`` prints.
 
     Raises:
         ValueError: a request that cannot work (checked before any data is read or model
-            converted), naming the option.
+            converted), naming the option; or an edge tool that rejected the file.
     """
-    targets = edge_targets(targets, fmt)
-    check_request(
-        fmt,
-        has_data=data is not None,
-        io_type=io_type,
-        depthwise_tile=depthwise_tile,
-        batch_norm=batch_norm,
-        qat_steps=qat_steps,
-        qat_epochs=qat_epochs,
-        calibration_images=calibration_images,
-        gelu=gelu,
-    )
+    options = resolve(options, overrides)
+    check_request(fmt, options, has_data=data is not None)
     if fmt == "saved_model":
-        if output is None:
-            raise ValueError("format saved_model needs an output folder.")
-        saved_model.check_output(os.fspath(output))
-        if class_names is None and data is not None:
-            from training.data import decoded_dataset
-
-            class_names = decoded_dataset(**data, split="train").class_names
-        report = saved_model.write(
-            model, output, class_names=class_names, input_size=input_size, crop_pct=crop_pct,
-            interpolation=interpolation,
-        )  # fmt: skip
-        return ExportResult(blob=None, report=report)
+        return _export_saved_model(model, output, data, class_names, options)
     if output is not None:
         output = files.check_writable(output)
-    model = fixed_input_model(model, input_size)
-    tile = parse_depthwise_tile(depthwise_tile)
-    if gelu == "sigmoid":
+    model = _prepared_model(model, options)
+    calibration, class_names, training_batches = _read_data(model, fmt, data, class_names, options)
+    model, qat_model, fine_tune = _fine_tune(model, fmt, calibration, training_batches, options)
+    tile = parse_depthwise_tile(options.depthwise_tile)
+    blob = _convert(model, fmt, calibration, class_names, options, tile)
+    report = _report(blob, fmt, output, options)
+    outputs = {}
+    if output is not None:
+        outputs[output] = blob
+        if class_names is not None:
+            report["labels"] = tflite.labels_path(output)
+            outputs[report["labels"]] = tflite.labels_text(class_names)
+    if fine_tune is not None:
+        report["qat"] = fine_tune
+    if options.edgetpu:
+        report["edgetpu"] = tflite.edgetpu_report(blob)
+    if options.targets:
+        report["targets"], edge_outputs = _edge_checks(
+            model, blob, fmt, output, calibration, class_names, options
+        )
+        outputs.update(edge_outputs)
+    files.write_all(outputs)
+    return ExportResult(blob=blob, report=report, qat_model=qat_model)
+
+
+def _export_saved_model(model, output, data, class_names, options) -> ExportResult:
+    """The saved_model format: a serving SavedModel folder (:mod:`export.saved_model`)."""
+    if output is None:
+        raise ValueError("format saved_model needs an output folder.")
+    saved_model.check_output(os.fspath(output))
+    if class_names is None and data is not None:
+        from training.data import decoded_dataset
+
+        class_names = decoded_dataset(**data, split="train").class_names
+    report = saved_model.write(
+        model, output, class_names=class_names, input_size=options.input_size,
+        crop_pct=options.crop_pct or imagenet.CROP_PCT,
+        interpolation=options.interpolation or imagenet.INTERPOLATION,
+    )  # fmt: skip
+    return ExportResult(blob=None, report=report)
+
+
+def _prepared_model(model, options: ExportOptions):
+    """The model with a fixed input size, its GELUs rewritten for ``gelu="sigmoid"``."""
+    model = fixed_input_model(model, options.input_size)
+    if options.gelu == "sigmoid":
         from export import rewrite
 
         model = rewrite.gelu_as_silu(model)
+    return model
+
+
+def _read_data(model, fmt, data, class_names, options: ExportOptions):
+    """``(calibration images, class names, training_batches(batch_size))`` from the data."""
+    calibration = options.calibration_images
+    calibration = calibration if isinstance(calibration, np.ndarray) else None
+    if data is None:
+        _check_class_names(class_names, model)
+        return calibration, class_names, None
+    from training.data import load_dataset
+
     image_size = tuple(int(d) for d in convmixer_tf.model_arguments(model)["input_shape"][:2])
 
-    calibration = calibration_images if isinstance(calibration_images, np.ndarray) else None
-    if data is not None:
-        from training.data import load_dataset
-
-        def training_batches(batch_size):
-            return load_dataset(
-                **data, split="train", image_size=image_size, batch_size=batch_size,
-                shuffle=True, seed=seed,
-            )  # fmt: skip
-
-        calibration_ds, data_class_names = training_batches(64)
-        class_names = data_class_names if class_names is None else class_names
-        if calibration is None and fmt in INTEGER_FORMATS:
-            calibration = draw_calibration_images(calibration_ds, calibration_images)
-    _check_class_names(class_names, model)  # the data's classes must fit the model too
-
-    fine_tune = qat_model = None
-    if fmt == "qat":
-        train_ds, _ = training_batches(qat_batch_size)
-        steps = qat_steps
-        if steps is None:
-            batches = int(train_ds.cardinality())
-            if batches < 0:
-                raise ValueError("The training data's size is unknown: give qat_steps.")
-            steps = max(1, math.ceil(qat_epochs * batches))
-        qat_model = quantize.quantize_model(
-            model, calibration_images=calibration,
-            depthwise_tile=tflite.DEFAULT_DEPTHWISE_TILE if tile == "auto" else tile,
+    def training_batches(batch_size):
+        return load_dataset(
+            **data, split="train", image_size=image_size, batch_size=batch_size,
+            shuffle=True, seed=options.seed,
         )  # fmt: skip
-        fine_tune = quantize.finetune(
-            qat_model, train_ds, steps=steps, learning_rate=qat_lr, verbose=verbose
-        )
-        fine_tune["steps"] = steps
-        model = quantize.rebatch_qat_model(qat_model)
 
-    blob = tflite.convert(
-        model,
-        fmt,
-        calibration_images=calibration,
-        io_type=io_type,
-        depthwise_tile=tile,
-        class_names=class_names,
-        batch_norm=batch_norm,
+    calibration_ds, data_class_names = training_batches(64)
+    class_names = data_class_names if class_names is None else class_names
+    if calibration is None and fmt in INTEGER_FORMATS:
+        calibration = draw_calibration_images(calibration_ds, options.calibration_images)
+    _check_class_names(class_names, model)  # the data's classes must fit the model too
+    return calibration, class_names, training_batches
+
+
+def _fine_tune(model, fmt, calibration, training_batches, options: ExportOptions):
+    """QAT (format qat): ``(model to convert, fake-quant model, QAT report)``; otherwise the
+    model as it is and two Nones."""
+    if fmt != "qat":
+        return model, None, None
+    train_ds, _ = training_batches(options.qat_batch_size)
+    steps = options.qat_steps
+    if steps is None:
+        batches = int(train_ds.cardinality())
+        if batches < 0:
+            raise ValueError("The training data's size is unknown: give qat_steps.")
+        steps = max(1, math.ceil(options.qat_epochs * batches))
+    tile = parse_depthwise_tile(options.depthwise_tile)
+    qat_model = quantize.quantize_model(
+        model, calibration_images=calibration,
+        depthwise_tile=tflite.DEFAULT_DEPTHWISE_TILE if tile == "auto" else tile,
+    )  # fmt: skip
+    report = quantize.finetune(
+        qat_model, train_ds, steps=steps, learning_rate=options.qat_lr, verbose=options.verbose
     )
+    report["steps"] = steps
+    return quantize.rebatch_qat_model(qat_model), qat_model, report
+
+
+def _convert(model, fmt, calibration, class_names, options: ExportOptions, depthwise_tile):
+    """The .tflite bytes (:func:`export.tflite.convert`; int8 and qat files fully integer)."""
+    return tflite.convert(
+        model, fmt, calibration_images=calibration, io_type=options.io_type,
+        depthwise_tile=depthwise_tile, class_names=class_names, batch_norm=options.batch_norm,
+    )  # fmt: skip
+
+
+def _report(blob: bytes, fmt: str, output, options: ExportOptions) -> dict:
+    """What the export prints: the file's format, size, types and ops."""
     summary = tflite.summarize(blob)
     report = {
         "output": None if output is None else os.fspath(output),
@@ -387,33 +363,23 @@ def export_model(
         "output_dtype": summary.output_dtype,
         "ops": sorted(set(summary.ops)),
     }
-    if gelu != "exact":
-        report["gelu"] = gelu
-    if output is not None:
-        files.write_atomic(output, blob)
-        if class_names is not None:
-            labels = tflite.labels_path(output)
-            files.write_atomic(labels, "\n".join(class_names) + "\n")
-            report["labels"] = labels
+    if options.gelu != "exact":
+        report["gelu"] = options.gelu
     if fmt in INTEGER_FORMATS:
-        # tflite.convert raises for an int8 / qat file that is not fully integer.
-        report["fully_integer"] = True
-    if fine_tune is not None:
-        report["qat"] = fine_tune
-    if edgetpu:
-        report["edgetpu"] = tflite.edgetpu_report(blob)
-    if targets:
-        edge_blob = blob
-        if tile == "auto" and fmt != "qat" and tflite.has_tiled_depthwise(model):
-            edge_blob = tflite.convert(
-                model, fmt, calibration_images=calibration, io_type=io_type,
-                depthwise_tile=None, class_names=class_names, batch_norm=batch_norm,
-            )  # fmt: skip
-        # A QAT file's tiles were fine-tuned as tiles: the edge tools get it as it is (for the
-        # untiled graph they prefer, export qat with depthwise_tile none).
-        report["targets"] = _check_targets(
-            edge_blob, targets, output, main_output=edge_blob is blob, images=calibration,
-            tflm_images=tflm_images, vela_options=dict(system_config=vela_system_config,
-            memory_mode=vela_memory_mode, config=vela_config),
-        )  # fmt: skip
-    return ExportResult(blob=blob, report=report, qat_model=qat_model)
+        report["fully_integer"] = True  # tflite.convert raises for one that is not
+    return report
+
+
+def _edge_checks(model, blob, fmt, output, calibration, class_names, options: ExportOptions):
+    """Each edge target's own tool on the file (the untiled graph for int8 with automatic
+    tiles: smaller and faster there); returns the reports and the files to write."""
+    edge_blob = blob
+    auto = parse_depthwise_tile(options.depthwise_tile) == "auto"
+    if auto and fmt != "qat" and tflite.has_tiled_depthwise(model):
+        edge_blob = _convert(model, fmt, calibration, class_names, options, depthwise_tile=None)
+    # A QAT file's tiles were fine-tuned as tiles: the edge tools get it as it is (for the
+    # untiled graph they prefer, export qat with depthwise_tile none).
+    return _check_targets(
+        edge_blob, options.targets, output, main_output=edge_blob is blob, images=calibration,
+        options=options,
+    )  # fmt: skip

@@ -477,3 +477,10 @@ def labels_path(tflite_path: str | os.PathLike) -> str:
     """The labels file written next to a model: ``model.tflite`` -> ``model.labels.txt``."""
     root, _ = os.path.splitext(os.fspath(tflite_path))
     return root + ".labels.txt"
+
+
+def labels_text(class_names: Sequence[str]) -> str:
+    """The labels file's text: one class per line (a name must be one printable line)."""
+    from convmixer_tf.files import check_label
+
+    return "".join(check_label(name) + "\n" for name in class_names)

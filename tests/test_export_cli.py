@@ -82,7 +82,7 @@ def test_fp32_of_a_model_without_fixed_input_size(tmp_path, capfd):
         (["--format", "qat", "--data-dir", "."], "--qat-steps or --qat-epochs"),
         (["--format", "qat", "--data-dir", ".", "--qat-steps", "1", "--batch-norm", "mul"],
          "applies to format int8 only"),
-        (["--format", "fp32", "--depthwise-tile", "big"], "depthwise_tile must be auto"),
+        (["--format", "fp32", "--depthwise-tile", "big"], "depthwise_tile (--depthwise-tile) must be auto"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_one_line_before_any_work(keras_path, tmp_path, capfd, extra, message):
@@ -98,7 +98,7 @@ def test_missing_model_and_output_directory_are_one_line(keras_path, tmp_path, c
         capfd, "--model", tmp_path / "missing.keras", "--format", "fp32", "--output",
         tmp_path / "m.tflite",
     )  # fmt: skip
-    assert status == 2 and "Model file not found" in err and "missing.keras" in err
+    assert status == 2 and "--model: not found" in err and "missing.keras" in err
     assert len(err.strip().splitlines()) == 1
     status, _, err = run_cli(capfd, "--model", keras_path, "--format", "fp32", "--output", tmp_path)
     assert status == 2 and "is a directory" in err and "Traceback" not in err
