@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print("uninterrupted run exit code:", reference.returncode, file=sys.stderr)
     first = subprocess.Popen(
-        command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    for line in first.stdout:
+    for line in first.stderr:
         if line.startswith(KILL_AT):
             for pid in child_pids(first.pid):
                 with open(f"/proc/{pid}/environ") as f:
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     first_status = first.wait()
 
     second = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    batches = [line for line in second.stdout.splitlines() if "BATCH" in line]
+    batches = [line for line in second.stderr.splitlines() if "BATCH" in line]
     diff = max(
         float(np.abs(a - b).max())
-        for a, b in zip(chief_weights(second.stdout), chief_weights(reference.stdout), strict=True)
+        for a, b in zip(chief_weights(second.stderr), chief_weights(reference.stderr), strict=True)
     )
     result = {
         "uninterrupted_exit": reference.returncode,

@@ -95,8 +95,9 @@ finite_float = _checked(float, lambda v: True, "a finite number", "finite_float"
 positive_float = _checked(float, lambda v: v > 0, "a positive finite number", "positive_float")
 nonnegative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "fraction")
+held_out_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "held_out_fraction")
 NUMBER_TYPES = (positive_int, nonnegative_int, finite_float, positive_float, nonnegative_float,
-                fraction)  # fmt: skip
+                fraction, held_out_fraction)  # fmt: skip
 
 
 def input_file(text: str) -> str:
@@ -215,23 +216,22 @@ def run(
     ``KeyboardInterrupt`` exits with 130 without a traceback, as shells expect.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
+    return guarded(parser.prog, "--debug" in argv, lambda: work(parser.parse_args(argv)))
+
+
+def guarded(prog: str, debug: bool, call: Callable[[], int | None]) -> int:
+    """Runs ``call()``: a user error becomes one line on stderr and exit code 2, Ctrl-C exit
+    code 130, both without a traceback unless ``debug``; returns the exit code."""
     try:
-        args = parser.parse_args(argv)
-    except UsageError as e:
+        status = call()
+    except USER_ERRORS as e:
         if debug:
             raise
-        return report(parser.prog, e)
-    try:
-        status = work(args)
-    except USER_ERRORS as e:
-        if getattr(args, "debug", False):
-            raise
-        return report(parser.prog, e)
+        return report(prog, e)
     except KeyboardInterrupt:
-        if getattr(args, "debug", False):
+        if debug:
             raise
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0 if status is None else int(status)
 

@@ -2,10 +2,10 @@
 
 From the paper's checkpoint to a ``.keras`` file that ``python -m export`` takes::
 
-    python -m convmixer_tf.convert --model convmixer_768_32 \\
+    python -m convmixer_tf.convert --preset convmixer_768_32 \\
         --weights convmixer_768_32_ks7_p7_relu.pth.tar --output convmixer_768_32.keras
 
-``--model`` names a preset (its architecture and activation); without it the architecture is read
+``--preset`` names a preset (its architecture and activation); without it the architecture is read
 from the checkpoint's tensor shapes and the activation comes from ``--activation`` (GELU unless
 said). ``--weights`` takes a path, a URL or ``imagenet``. The file is written atomically (a
 temporary name in the same folder, then renamed) and, unless ``--no-verify``, reloaded and
@@ -89,17 +89,30 @@ def verify_saved(model, output: str, seed: int = 0) -> float:
     return diff
 
 
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset NAME`` (``--model NAME``: its deprecated spelling)."""
+    parser.add_argument(
+        "--preset", choices=list(presets.PRESETS), metavar="PRESET",
+        help=f"preset name ({', '.join(presets.PRESETS)})",
+    )  # fmt: skip
+    parser.add_argument("--model", dest="preset", choices=list(presets.PRESETS),
+                        action=cli.DeprecatedAlias, new_option="--preset",
+                        help=argparse.SUPPRESS)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m convmixer_tf.convert",
         description="Convert a PyTorch ConvMixer checkpoint (timm .safetensors or official "
         ".pth.tar) into a Keras .keras model.",
     )
-    parser.add_argument("--model", help=f"preset name ({', '.join(presets.PRESETS)})")
+    add_preset_argument(parser)
     parser.add_argument("--weights", required=True, help="checkpoint path, URL or 'imagenet'")
-    parser.add_argument("--output", required=True, help="the .keras file to write")
+    parser.add_argument("--output", required=True, type=cli.output_path,
+                        help="the .keras file to write")  # fmt: skip
     parser.add_argument("--activation", choices=ACTIVATIONS)
-    parser.add_argument("--input-size", type=int, help="square input size (default: preset's)")
+    parser.add_argument("--input-size", type=cli.positive_int,
+                        help="square input size (default: preset's)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true", help="skip the reload check")
     cli.add_debug_argument(parser)
     return parser
@@ -110,14 +123,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".keras"):
         raise ValueError(f"--output must end with '.keras'. Received: {args.output!r}")
     files.check_writable(args.output)
-    model = build_model(
-        args.weights, args.model, activation=args.activation, input_size=args.input_size
-    )
-    saving.save_model(model, args.output)
-    message = f"wrote {args.output} ({model.count_params():,} parameters"
-    if not args.no_verify:
-        message += f", reload max abs diff {verify_saved(model, args.output):.2g}"
-    print(message + ")")
+    files.check_not_input({"--output": args.output}, {"--weights": args.weights})
+    with cli.stdout_to_stderr():
+        model = build_model(
+            args.weights, args.preset, activation=args.activation, input_size=args.input_size
+        )
+        saving.save_model(model, args.output)
+        report = {"output": args.output, "parameters": model.count_params()}
+        if not args.no_verify:
+            report["reload_max_abs_diff"] = verify_saved(model, args.output)
+    cli.emit(report)
     return 0
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from convmixer_tf import image_files
 from convmixer_tf.constants import INTERPOLATIONS
 
 NUM_CLASSES = 1000
@@ -169,13 +170,18 @@ def preprocess_image(
 
 
 def check_image_file(path: str) -> None:
-    """Raises a ValueError naming ``path`` if it is missing, a directory or empty."""
+    """Raises a ValueError naming ``path`` if it is missing, a directory, empty, or declares
+    more pixels than :func:`convmixer_tf.image_files.max_image_pixels`."""
     if not tf.io.gfile.exists(path):
         raise ValueError(f"Image file not found: {path!r}")
     if tf.io.gfile.isdir(path):
         raise ValueError(f"{path!r} is a directory, not an image file.")
     if tf.io.gfile.stat(path).length == 0:
         raise ValueError(f"Image file {path!r} is empty.")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        problem = image_files.too_many_pixels(f)
+    if problem is not None:
+        raise ValueError(f"Image file {path!r} declares {problem}: not decoded.")
 
 
 def load_image(path: str) -> tf.Tensor:

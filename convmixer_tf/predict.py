@@ -1,10 +1,10 @@
 """Classifies image files with a pretrained ConvMixer and prints the top classes.
 
-    python -m convmixer_tf.predict --model convmixer_768_32 \\
+    python -m convmixer_tf.predict --preset convmixer_768_32 \\
         --weights convmixer_768_32_ks7_p7_relu.pth.tar image.jpg
 
 Images are preprocessed as timm evaluates the checkpoint (the preset's input size, crop_pct and
-interpolation; see :func:`convmixer_tf.imagenet.preprocess_image`). Without ``--model`` the
+interpolation; see :func:`convmixer_tf.imagenet.preprocess_image`). Without ``--preset`` the
 architecture is read from the checkpoint (see :mod:`convmixer_tf.convert`) and ImageNet's
 evaluation settings are used. 1000-class models print ImageNet names; the CIFAR-10 preset prints
 CIFAR-10 names; other class counts print class indices.
@@ -81,19 +81,22 @@ def classify(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m convmixer_tf.predict",
-        description="Print the top classes of image files with a pretrained ConvMixer.",
+        description="Print the top classes of image files with a pretrained ConvMixer (one "
+        "JSON line).",
     )
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, GIF)")
-    parser.add_argument("--model", help=f"preset name ({', '.join(presets.PRESETS)})")
+    convert.add_preset_argument(parser)
     parser.add_argument(
         "--weights", required=True, help="checkpoint path, URL, 'imagenet' or .weights.h5"
     )
     parser.add_argument("--activation", choices=ACTIVATIONS)
-    parser.add_argument("--input-size", type=int, help="square input size (default: preset's)")
-    parser.add_argument("--crop-pct", type=float, help="default: the preset's (0.96 ImageNet)")
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--input-size", type=cli.positive_int,
+                        help="square input size (default: preset's)")  # fmt: skip
+    parser.add_argument("--crop-pct", type=cli.fraction,
+                        help="default: the preset's (0.96 ImageNet)")  # fmt: skip
+    parser.add_argument("--top", type=cli.positive_int, default=5, help="classes per image")
     cli.add_debug_argument(parser)
     return parser
 
@@ -103,25 +106,27 @@ def run(args: argparse.Namespace) -> int:
     for path in args.images:  # before loading a model: a missing image is a quick error
         imagenet.check_image_file(path)
     crop_pct, interpolation, dataset = imagenet.CROP_PCT, imagenet.INTERPOLATION, "imagenet"
-    if args.model:
-        preset = presets.get_preset(args.model)
+    if args.preset:
+        preset = presets.get_preset(args.preset)
         crop_pct, interpolation, dataset = preset.crop_pct, preset.interpolation, preset.dataset
-    model = convert.build_model(
-        args.weights, args.model, activation=args.activation, input_size=args.input_size
-    )
-    names = class_names(model.output_shape[-1], dataset)
-    results = classify(
-        model,
-        args.images,
-        crop_pct=args.crop_pct or crop_pct,
-        interpolation=interpolation,
-        names=names,
-        top=args.top,
-    )
+    with cli.stdout_to_stderr():
+        model = convert.build_model(
+            args.weights, args.preset, activation=args.activation, input_size=args.input_size
+        )
+        names = class_names(model.output_shape[-1], dataset)
+        results = classify(
+            model, args.images, crop_pct=args.crop_pct or crop_pct, interpolation=interpolation,
+            names=names, top=args.top,
+        )  # fmt: skip
     for path, classes in zip(args.images, results, strict=True):
-        print(path)
+        print(path, file=sys.stderr)
         for rank, (class_id, name, probability) in enumerate(classes, start=1):
-            print(f"  {rank}. {100 * probability:6.2f}%  {class_id:>9}  {name}")
+            print(f"  {rank}. {100 * probability:6.2f}%  {class_id:>9}  {name}", file=sys.stderr)
+    cli.emit({"predictions": [
+        {"image": path, "top": [{"id": class_id, "name": name, "probability": probability}
+                                for class_id, name, probability in classes]}
+        for path, classes in zip(args.images, results, strict=True)
+    ]})  # fmt: skip
     return 0
 
 

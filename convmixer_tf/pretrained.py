@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import urllib.parse
 
 import numpy as np
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 TORCH_SUFFIXES = (".pth.tar", ".pth", ".pt", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 URL_SCHEMES = ("http", "https", "file")
+# Seconds a download may wait for the server (connect, or between two reads).
+DOWNLOAD_TIMEOUT_S = 20
 CACHE_SUBDIR = "convmixer_tf"
 IGNORED_BUFFER = "num_batches_tracked"  # BatchNorm's step counter: no Keras counterpart
 
@@ -436,14 +439,33 @@ def fetch_checkpoint(
     if fname is None:
         url_hash = hashlib.sha256(url.encode()).hexdigest()[:8]
         fname = f"{url_hash}_{os.path.basename(parsed.path) or 'checkpoint'}"
-    path = keras.utils.get_file(
-        fname,
-        origin=url,
-        cache_subdir=CACHE_SUBDIR,
-        file_hash=sha256,
-        hash_algorithm="sha256",
-        cache_dir=cache_dir,
-    )
+    from convmixer_tf import cli
+
+    # keras.utils.get_file prints its progress on stdout (ours is for results) and waits for
+    # the socket's default timeout (none): both bounded here. It raises a bare Exception for a
+    # failed fetch (keras/src/utils/file_utils.py, get_file), which becomes one ValueError.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        with cli.stdout_to_stderr():
+            path = keras.utils.get_file(
+                fname,
+                origin=url,
+                cache_subdir=CACHE_SUBDIR,
+                file_hash=sha256,
+                hash_algorithm="sha256",
+                cache_dir=cache_dir,
+            )
+    except ValueError:
+        raise  # a hash that does not match
+    except Exception as e:  # noqa: BLE001 - see above
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            f"Could not download {url}: {reason}. Download the file where there is a network "
+            "and pass its path instead (--weights PATH, or weights=PATH)."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     if sha256 is None:
         digest = sha256_of(path)
         record = f"{path}.sha256"

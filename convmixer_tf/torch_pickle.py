@@ -15,6 +15,12 @@ script stores as ``"args"`` next to the ``"state_dict"``, mapped to the inert st
 refused *before* it is resolved, with an :class:`UnsafeCheckpointError` naming it. Tensors come
 back as NumPy arrays.
 
+Sizes come from the file and are not trusted: before anything is allocated, each storage's
+declared element count must match its zip entry's size, each tensor's size and strides must
+stay inside its storage (a tensor may not hold more elements than its storage: no stride-0
+expansion of a small storage into a huge array), and the storages and tensors together must fit
+in ``max_bytes`` (default :data:`MAX_CHECKPOINT_BYTES`, or ``$CONVMIXER_MAX_CHECKPOINT_BYTES``).
+
 The legacy (pre-1.6, non-zip) serialization and the older tar format are not supported: they are
 refused with an error that says how to re-save the file.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -45,6 +52,11 @@ STORAGE_DTYPES = {
     "ByteStorage": "u1",
     "BoolStorage": "?",
 }
+
+# What one checkpoint may allocate (storages plus the tensors copied out of them): four times the
+# largest ConvMixer's float32 weights and optimizer state, with room to spare.
+MAX_CHECKPOINT_BYTES = 4 * 1024**3
+LIMIT_VARIABLE = "CONVMIXER_MAX_CHECKPOINT_BYTES"
 
 # The first pickle of a legacy (pre-1.6) torch.save file is this number.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -85,14 +97,25 @@ def _rebuild_tensor_v2(
     backward_hooks=None,
     metadata=None,
 ) -> np.ndarray:
-    """NumPy version of ``torch._utils._rebuild_tensor_v2``: a strided view, copied."""
+    """NumPy version of ``torch._utils._rebuild_tensor_v2``: a strided view, copied.
+
+    Checked before anything is allocated: a tensor holds at most as many elements as its
+    storage, and its last element lies inside the storage."""
     del requires_grad, backward_hooks, metadata  # training state, not data
     size, stride = tuple(size), tuple(stride)
     ints = (storage_offset, *size, *stride)
-    if len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in ints):
+    if len(size) != len(stride) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints
+    ):
         raise ValueError(f"Malformed tensor in checkpoint: size={size}, stride={stride}")
     if 0 in size:
         return np.zeros(size, dtype=storage.dtype)
+    elements = math.prod(size)
+    if elements > storage.size:
+        raise ValueError(
+            f"Malformed tensor in checkpoint: size={size} declares {elements} elements, more "
+            f"than its storage holds ({storage.size}; stride={stride})"
+        )
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= storage.size:
         raise ValueError(
@@ -129,7 +152,10 @@ def _safe_globals() -> dict[tuple[str, str], object]:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only tensor / dict globals; storages come from the zip archive."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
+    def __init__(
+        self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str,
+        max_bytes: int,
+    ):  # fmt: skip
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
@@ -137,6 +163,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._path = path
         self._storages: dict[str, np.ndarray] = {}
         self._allowed = _safe_globals()
+        self._allowed[("torch._utils", "_rebuild_tensor_v2")] = self._rebuild_tensor
+        self._max_bytes = max_bytes
+        self._allocated = 0
+
+    def _allocate(self, nbytes: int, what: str) -> None:
+        """Counts ``nbytes`` against the limit before they are allocated."""
+        self._allocated += nbytes
+        if self._allocated > self._max_bytes:
+            raise ValueError(
+                f"Refusing to load {self._path!r}: {what} brings it to {self._allocated} bytes, "
+                f"above the limit of {self._max_bytes} (max_bytes, or ${LIMIT_VARIABLE} for "
+                "a file you trust)."
+            )
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride, *rest):
+        try:
+            elements = math.prod(int(n) for n in size)
+        except (TypeError, ValueError):
+            elements = 0  # malformed: _rebuild_tensor_v2 says so
+        self._allocate(elements * storage.itemsize, f"a tensor of shape {tuple(size)}")
+        return _rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
 
     def find_class(self, module: str, name: str):
         try:
@@ -160,8 +207,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"Refusing to load {self._path!r}: storage {key!r} has type {storage_type!r}"
             )
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise ValueError(f"Storage {key!r} of {self._path!r}: bad element count {numel!r}")
         if key not in self._storages:
-            self._storages[key] = self._read_storage(str(key), storage_type)
+            self._storages[key] = self._read_storage(str(key), storage_type, numel)
         storage = self._storages[key]
         if storage.size != numel:
             raise ValueError(
@@ -170,12 +219,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         return storage
 
-    def _read_storage(self, key: str, storage_type: StorageType) -> np.ndarray:
+    def _read_storage(self, key: str, storage_type: StorageType, numel: int) -> np.ndarray:
         entry = f"{self._prefix}data/{key}"
         try:
-            raw = self._archive.read(entry)
+            info = self._archive.getinfo(entry)
         except KeyError:
             raise ValueError(f"Checkpoint {self._path!r} has no storage entry {entry!r}") from None
+        itemsize = 2 if storage_type.dtype == "bfloat16" else np.dtype(storage_type.dtype).itemsize
+        if info.file_size != numel * itemsize:
+            raise ValueError(
+                f"Storage {key!r} of {self._path!r} declares {numel} elements of {itemsize} "
+                f"bytes, but its entry holds {info.file_size} bytes."
+            )
+        # bfloat16 is widened to float32: twice its bytes in memory.
+        self._allocate(numel * (4 if storage_type.dtype == "bfloat16" else itemsize),
+                       f"storage {key!r}")  # fmt: skip
+        raw = self._archive.read(entry)
         if storage_type.dtype == "bfloat16":
             bits = np.frombuffer(raw, dtype=f"{self._byteorder}u2").astype(np.uint32) << 16
             return bits.view(np.float32)
@@ -215,11 +274,23 @@ def _refuse_legacy(path: str) -> None:
     )
 
 
-def load(path: str | os.PathLike):
+def max_checkpoint_bytes() -> int:
+    """``$CONVMIXER_MAX_CHECKPOINT_BYTES`` if set, else :data:`MAX_CHECKPOINT_BYTES`."""
+    value = os.environ.get(LIMIT_VARIABLE)
+    if value is None:
+        return MAX_CHECKPOINT_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{LIMIT_VARIABLE} must be a positive integer. Received: {value!r}")
+    return int(value)
+
+
+def load(path: str | os.PathLike, max_bytes: int | None = None):
     """Unpickles a ``torch.save`` zip file with tensors as NumPy arrays, running no code from it.
 
     Args:
         path: a file written by ``torch.save`` (PyTorch >= 1.6, zip serialization).
+        max_bytes: what the storages and tensors may take in memory together (default
+            :func:`max_checkpoint_bytes`); checked before each allocation.
 
     Returns:
         The saved object (usually a dict) with every tensor replaced by a ``np.ndarray``.
@@ -252,5 +323,8 @@ def load(path: str | os.PathLike):
             byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
         if byteorder not in ("little", "big"):
             raise ValueError(f"{path!r}: unknown byteorder {byteorder!r}")
+        limit = max_checkpoint_bytes() if max_bytes is None else max_bytes
+        if archive.getinfo(pickles[0]).file_size > limit:
+            raise ValueError(f"Refusing to load {path!r}: its pickle is larger than {limit} bytes.")
         data = io.BytesIO(archive.read(pickles[0]))
-        return _RestrictedUnpickler(data, archive, prefix, byteorder, path).load()
+        return _RestrictedUnpickler(data, archive, prefix, byteorder, path, limit).load()

@@ -273,7 +273,7 @@ def benchmark_imagenet_variants(args) -> list[dict]:
                 )
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-        torch_ms = torch_eager_ms(args.torch_python, arch, size, args.threads, args.repeats)
+        torch_ms = torch_eager_ms(args.peers_python, arch, size, args.threads, args.repeats)
         if torch_ms is not None:
             row = {"model": args.imagenet_preset, "kernel": kernel, "format": "fp32",
                    "depthwise": "PyTorch eager", "latency_ms": torch_ms}  # fmt: skip
@@ -283,33 +283,34 @@ def benchmark_imagenet_variants(args) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from convmixer_tf.presets import PRESETS
+    from export import options as options_lib
     from training.data import add_data_source_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m export.benchmark", description=__doc__.splitlines()[0]
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="a trained .keras ConvMixer")
-    what.add_argument("--preset", help="an untrained preset, e.g. convmixer_256_8")
+    what.add_argument("--model", type=cli.input_path, help="a trained .keras ConvMixer")
+    what.add_argument("--preset", choices=list(PRESETS),
+                      help="an untrained preset, e.g. convmixer_256_8")  # fmt: skip
     what.add_argument("--imagenet-variants", action="store_true")
     add_data_source_arguments(parser, required=False)
-    parser.add_argument("--val-per-class", type=int, default=None,
+    parser.add_argument("--val-per-class", type=cli.positive_int, default=None,
                         help="held-out images per class for accuracy (default: all)")  # fmt: skip
-    parser.add_argument("--calibration-images", type=int, default=256)
-    parser.add_argument("--qat-steps", type=int, default=0)
-    parser.add_argument("--qat-lr", type=float, default=1e-5)
-    parser.add_argument("--qat-batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--imagenet-preset", default="convmixer_1024_20")
-    parser.add_argument("--kernels", type=int, nargs="+", default=[9, 7])
-    parser.add_argument(
-        "--torch-python", default=None, help="python of a venv with torch (PyTorch eager timing)"
-    )
+    options_lib.add_arguments(parser, only=("calibration_images", "qat_lr", "qat_batch_size"))
+    parser.add_argument("--qat-steps", type=cli.nonnegative_int, default=0,
+                        help="QAT steps (0: no QAT row)")  # fmt: skip
+    parser.add_argument("--threads", type=cli.positive_int, default=2)
+    parser.add_argument("--repeats", type=cli.positive_int, default=50)
+    parser.add_argument("--imagenet-preset", default="convmixer_1024_20", choices=list(PRESETS))
+    parser.add_argument("--kernels", type=cli.positive_int, nargs="+", default=[9, 7])
+    cli.add_peers_python_argument(parser)
     parser.add_argument(
         "--machine", default=None, help="machine description (default: cores, CPU name and flags)"
     )
-    parser.add_argument("--output-dir", required=True, help="folder for the result files")
+    parser.add_argument("--output-dir", required=True, type=cli.output_path,
+                        help="folder for the result files")  # fmt: skip
     parser.add_argument("--out-dir", dest="output_dir", action=cli.DeprecatedAlias,
                         new_option="--output-dir", help=argparse.SUPPRESS)  # fmt: skip
     cli.add_unsafe_argument(parser)
@@ -318,8 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark ``args`` ask for; the table goes to stdout, progress to stderr."""
+    """Runs the benchmark ``args`` ask for; the table goes to stderr and the files in
+    ``--output-dir``, progress to stderr, a JSON line naming the files to stdout."""
     files.check_writable(os.path.join(args.output_dir, "results.json"))
+    files.check_not_input(
+        {"--output-dir": args.output_dir},
+        {"--model": args.model, "--data-dir": args.data_dir, "--val-dir": args.val_dir},
+    )
     if args.machine is None:
         from training.measure import describe_machine
 
@@ -341,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
         files.write_atomic(
             os.path.join(args.output_dir, "imagenet_variants.json"), json.dumps(rows, indent=1)
         )
-        print("\n".join(lines))
+        print("\n".join(lines), file=sys.stderr)
+        cli.emit({"output_dir": args.output_dir, "rows": len(rows),
+                  "files": ["imagenet_variants.md", "imagenet_variants.json"]})  # fmt: skip
         return 0
 
     import convmixer_tf
@@ -353,10 +361,14 @@ def run(args: argparse.Namespace) -> int:
     summary = benchmark_formats(model, args)
     summary["machine"] = args.machine
     files.write_atomic(
-        os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=1, default=str)
+        os.path.join(args.output_dir, "results.json"),
+        json.dumps(cli.finite_json(summary), indent=1, default=str, allow_nan=False),
     )
-    print(write_table(summary, os.path.join(args.output_dir, "results.md"), args.machine))
+    table = write_table(summary, os.path.join(args.output_dir, "results.md"), args.machine)
+    print(table, file=sys.stderr)
     plot(summary, os.path.join(args.output_dir, "results.png"))
+    cli.emit({"output_dir": args.output_dir, "formats": [r["format"] for r in summary["rows"]],
+              "files": ["results.json", "results.md", "results.png"]})  # fmt: skip
     return 0
 
 

@@ -14,7 +14,6 @@ deprecated); raw pixels 0..255 go in, quantized by the input tensor's own (scale
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -149,12 +148,14 @@ def evaluate(
 def build_parser() -> argparse.ArgumentParser:
     from training.data import add_evaluation_data_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m export.evaluate", description="Top-1 of a .tflite ConvMixer."
     )
-    parser.add_argument("--tflite", required=True, help="the .tflite file")
-    parser.add_argument("--keras", default=None, help="the .keras model to compare with")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tflite", required=True, type=cli.input_file, help="the .tflite file")
+    parser.add_argument("--keras", default=None, type=cli.input_path,
+                        help="the .keras model to compare with")  # fmt: skip
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
+                        help="LiteRT interpreter threads")  # fmt: skip
     add_evaluation_data_arguments(parser)
     cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
         num_threads=args.threads,
     )  # fmt: skip
-    print(json.dumps({"split": data["split"], **result}))
+    cli.emit({"split": data["split"], **result})
     return 0
 
 

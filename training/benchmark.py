@@ -245,23 +245,29 @@ def add_peers(record: dict[str, Any], config, args, available: bool) -> dict[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from convmixer_tf.presets import PRESETS
+
+    parser = cli.ArgumentParser(
         prog="python -m training.benchmark",
         description="Times the real training step; prints one JSON line (img/s, fraction of the "
         "measured float32 matmul peak).",
     )
-    parser.add_argument("--model", default="convmixer_256_8", help="a convmixer_tf preset name")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--preset", default="convmixer_256_8", choices=list(PRESETS),
+                        help="a convmixer_tf preset name")  # fmt: skip
+    parser.add_argument("--model", dest="preset", action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps")
+    parser.add_argument("--warmup-steps", type=cli.nonnegative_int, default=2)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or JSON file")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, type=cli.input_dir)
     parser.add_argument("--data", choices=DATA_MODES, default="synthetic")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--dim", type=int, default=None)
-    parser.add_argument("--depth", type=int, default=None)
-    parser.add_argument("--kernel-size", type=int, default=None)
-    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--image-size", type=cli.positive_int, default=None,
+                        help="default: the recipe's")  # fmt: skip
+    parser.add_argument("--dim", type=cli.positive_int, default=None)
+    parser.add_argument("--depth", type=cli.positive_int, default=None)
+    parser.add_argument("--kernel-size", type=cli.positive_int, default=None)
+    parser.add_argument("--patch-size", type=cli.positive_int, default=None)
     parser.add_argument("--activation", choices=ACTIVATIONS, default=None)
     parser.add_argument(
         "--keras-module",
@@ -271,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--jit-compile", action="store_true", help="XLA for the whole step")
-    parser.add_argument("--intra-op-threads", type=int, default=0, help="0: TensorFlow's default")
-    parser.add_argument("--inter-op-threads", type=int, default=0, help="0: TensorFlow's default")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    parser.add_argument("--intra-op-threads", type=cli.nonnegative_int, default=0,
+                        help="0: TensorFlow's default")  # fmt: skip
+    parser.add_argument("--inter-op-threads", type=cli.nonnegative_int, default=0,
+                        help="0: TensorFlow's default")  # fmt: skip
+    parser.add_argument("--peak-size", type=cli.positive_int, default=2048,
+                        help="matmul size for the peak")  # fmt: skip
     parser.add_argument(
         "--peers",
         choices=PEERS,
@@ -281,10 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time PyTorch in the same run: auto (when installed, default), torch (required), none",
     )
     parser.add_argument(
-        "--peers-python",
-        default=sys.executable,
+        "--peers-python", default=sys.executable, type=cli.input_file,
         help="the Python of the environment with requirements-bench.txt (default: this one)",
-    )
+    )  # fmt: skip
+    parser.add_argument("--torch-python", dest="peers_python", type=cli.input_file,
+                        action=cli.DeprecatedAlias, new_option="--peers-python",
+                        help=argparse.SUPPRESS)  # fmt: skip
     cli.add_debug_argument(parser)
     return parser
 
@@ -293,7 +304,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     """The training config the benchmark runs: the recipe with the command line's overrides."""
     config = config_lib.from_recipe(args.recipe)
     overrides = {
-        "model": args.model,
+        "model": args.preset,
         "batch_size": args.batch_size,
         "data_dir": args.data_dir,
         "dataset": None,
@@ -322,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     peers = check_peers(args)
     record = run_benchmark(config, args.steps, args.warmup_steps, args.data, args.peak_size)
     record = add_peers(record, config, args, peers)
-    print(json.dumps(record), flush=True)
+    cli.emit(record)
     return 0
 
 

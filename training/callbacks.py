@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import files, saving
+from convmixer_tf.cli import finite_json
 from training import distribute
 from training.rundir import CURVES_FILE, METRICS_FILE
 
@@ -117,6 +118,10 @@ def _floats(logs: dict | None) -> dict:
     return {k: float(v) for k, v in (logs or {}).items()}
 
 
+def _finite(logs: dict | None) -> bool:
+    return all(math.isfinite(v) for v in _floats(logs).values())
+
+
 @functools.cache
 def callback_classes(keras):
     """The project's callbacks for one keras-like module, as a namespace of classes."""
@@ -145,9 +150,9 @@ def callback_classes(keras):
             if best:
                 top = max(best, key=lambda h: h["val_accuracy"])
                 summary["best"] = {"epoch": top["epoch"], "val_accuracy": top["val_accuracy"]}
-            files.write_atomic(
-                os.path.join(self.output_dir, METRICS_FILE), json.dumps(summary, indent=2) + "\n"
-            )
+            # Strict JSON: a NaN loss is written as null (json.dumps would write a bare NaN).
+            text = json.dumps(finite_json(summary), indent=2, allow_nan=False) + "\n"
+            files.write_atomic(os.path.join(self.output_dir, METRICS_FILE), text)
             if self.plot:
                 _plot_curves(self.history, os.path.join(self.output_dir, CURVES_FILE))
 
@@ -170,6 +175,12 @@ def callback_classes(keras):
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(self.monitor)
             if value is None or float(value) <= self.best:
+                return
+            if not _finite(logs) or not all(np.isfinite(w).all() for w in self.model.get_weights()):
+                logger.warning(
+                    "Epoch %d: not saving %s: the loss or the weights are not finite",
+                    epoch + 1, self.path,
+                )  # fmt: skip
                 return
             self.best = float(value)
             folder, name = os.path.split(self.path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import types
@@ -146,8 +147,28 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={value!r}")
 
 
+def _numbers(value: Any) -> list:
+    return list(value) if isinstance(value, tuple | list) else [value]
+
+
 def check(config: TrainConfig) -> None:
     """Raises a ValueError naming the first field whose value makes no sense."""
+    for field in dataclasses.fields(config):  # every number finite (json reads "Infinity")
+        value = getattr(config, field.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _numbers(value)):
+            raise ValueError(f"`{field.name}` must be finite. Received: {field.name}={value!r}")
+    if not str(config.output_dir).strip():
+        raise ValueError("`output_dir` (--output-dir) must name a folder. Received: ''")
+    for name in ("dim", "depth", "kernel_size", "patch_size", "limit_per_class",
+                 "base_batch_size"):  # fmt: skip
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`{name}` must be positive or None. Received: {name}={value}")
+    for name in ("seed", "cpu_replicas", "verbose", "mixup_alpha", "cutmix_alpha"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(config, name)}")
+    if not 0.0 <= config.ema_momentum < 1.0:
+        raise ValueError(f"`ema_momentum` must be in [0, 1). Received: {config.ema_momentum}")
     _choice("keras_module", config.keras_module, TRAINING_KERAS_MODULES)
     _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     _choice("interpolation", config.interpolation, INTERPOLATIONS)

@@ -37,8 +37,9 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import imagenet
+from convmixer_tf import image_files, imagenet
 from convmixer_tf.constants import INTERPOLATIONS
+from convmixer_tf.files import check_label
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ IMAGE_FOLDER_SPLITS = ("train", "validation", "all")
 # A dataset root holding `train/` and one of these is read as separate training and validation
 # folders (timm's and torchvision's ImageNet layout).
 VALIDATION_FOLDERS = ("val", "validation")
+# Seconds to wait for a TFDS download host before saying that it cannot be reached.
+NETWORK_TIMEOUT_S = 10
 # Cache decoded images in memory when they need less than this (estimated from the first image).
 DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
 
@@ -106,10 +109,11 @@ def _to_size(image_size: tuple[int, int] | int) -> tuple[int, int]:
 
 
 def check_image_file(path: str) -> str | None:
-    """Returns why ``path`` is not a readable image (empty, unknown format, truncated), or None.
+    """Returns why ``path`` is not a readable image (empty, unknown format, truncated, more
+    pixels than :func:`convmixer_tf.image_files.max_image_pixels`), or None.
 
-    Reads only the first and last bytes: cheap enough to run over ImageNet's 1.28 M files. A file
-    that passes can still fail to decode; :func:`decoded_dataset` skips those too.
+    Reads only the header and the last bytes: cheap enough to run over ImageNet's 1.28 M files.
+    A file that passes can still fail to decode; :func:`decoded_dataset` skips those too.
 
     Example:
         >>> check_image_file("../shared/data/cifar10/train/cat/0000.jpg") is None
@@ -123,14 +127,15 @@ def check_image_file(path: str) -> str | None:
             head = f.read(16)
             f.seek(max(0, size - _TRAILER_WINDOW))
             tail = f.read()
+            known = [trailers for magic, trailers in _MAGIC if head.startswith(magic)]
+            if not known:
+                return "not an image TensorFlow can decode (unknown file signature)"
+            if known[0] is not None and not any(t in tail for t in known[0]):
+                return "truncated (no end-of-image marker)"
+            too_big = image_files.too_many_pixels(f)
     except OSError as e:
         return f"cannot read: {e}"
-    for magic, trailers in _MAGIC:
-        if head.startswith(magic):
-            if trailers is None or any(t in tail for t in trailers):
-                return None
-            return "truncated (no end-of-image marker)"
-    return "not an image TensorFlow can decode (unknown file signature)"
+    return None if too_big is None else f"declares {too_big}"
 
 
 def scan_image_folder(
@@ -179,9 +184,7 @@ def scan_image_folder(
         )
     if not os.path.isdir(data_dir):
         raise ValueError(f"Image folder not found or not a directory: {data_dir!r}")
-    class_names = sorted(
-        e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
-    )
+    class_names = _class_folders(data_dir)
     if not class_names:
         raise ValueError(
             f"Image folder {data_dir!r} has no class sub-folders; expected DIR/<class>/<image>."
@@ -238,7 +241,14 @@ def scan_image_folder(
 
 
 def _class_folders(data_dir: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith("."))
+    """The sorted class folder names of ``data_dir``; a name that is not one printable line (a
+    newline would shift every label after it in labels.txt) is a ValueError naming it."""
+    names = sorted(
+        e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+    for name in names:
+        check_label(name, f"Class folder {os.path.join(data_dir, name)!r}: its name")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,26 +313,33 @@ def read_label_file(path: str, class_names: Sequence[str]) -> dict[str, int]:
     """
     index = {name: i for i, name in enumerate(class_names)}
     labels = {}
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.replace(",", " ").split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            if len(fields) < 2:
-                raise ValueError(f"{path}:{number}: expected '<image> <class>'. Received: {line!r}")
-            image, label = fields[0], fields[1]
-            if label in index:
-                value = index[label]
-            elif label.isdigit() and int(label) < len(class_names):
-                value = int(label)
-            elif number == 1:
-                continue  # a header
-            else:
-                raise ValueError(
-                    f"{path}:{number}: class {label!r} is neither a class folder name nor an "
-                    f"index below {len(class_names)}."
-                )
-            labels[os.path.splitext(os.path.basename(image))[0]] = value
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"Label file {path!r} is not UTF-8 text: byte {e.object[e.start : e.start + 1]!r} "
+            f"at offset {e.start}."
+        ) from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.replace(",", " ").split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{number}: expected '<image> <class>'. Received: {line!r}")
+        image, label = fields[0], fields[1]
+        if label in index:
+            value = index[label]
+        elif label.isdigit() and int(label) < len(class_names):
+            value = int(label)
+        elif number == 1:
+            continue  # a header
+        else:
+            raise ValueError(
+                f"{path}:{number}: class {label!r} is neither a class folder name nor an "
+                f"index below {len(class_names)}."
+            )
+        labels[os.path.splitext(os.path.basename(image))[0]] = value
     if not labels:
         raise ValueError(f"Label file {path!r} has no labels.")
     return labels
@@ -547,6 +564,8 @@ def decoded_dataset(
         builder = tfds.builder(dataset, data_dir=tfds_data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"Unknown TFDS dataset {dataset!r}: {e}") from e
+    if not builder.is_prepared():
+        _check_reachable(builder, dataset)
     try:
         builder.download_and_prepare()
     except (OSError, ConnectionError) as e:  # requests' errors are OSErrors
@@ -580,6 +599,29 @@ def decoded_dataset(
         ds = _limit_per_class(ds, len(class_names), limit_per_class)
         num_examples = None
     return Decoded(ds, class_names, num_examples)
+
+
+def _check_reachable(builder, dataset: str) -> None:
+    """A ValueError within seconds if the hosts TFDS would download ``dataset`` from cannot be
+    reached (TFDS itself retries for minutes)."""
+    import socket
+    import urllib.parse
+
+    urls = list(getattr(builder, "url_infos", None) or {})
+    for url in urls[:3]:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            continue
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=NETWORK_TIMEOUT_S).close()
+        except OSError as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(
+                f"TFDS needs to download {dataset!r} from {parsed.hostname} and cannot reach it "
+                f"({reason}). Pass --data-dir DIR (an image folder), or --tfds-data-dir with a "
+                "copy TFDS prepared where there is a network."
+            ) from None
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -630,25 +672,28 @@ def add_data_source_arguments(parser, *, required: bool = True) -> None:
     every CLI that reads data (``training.evaluate``, ``export``, ``export.evaluate``,
     ``export.benchmark``).
     """
+    from convmixer_tf import cli
+
     source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument(
-        "--data-dir",
+        "--data-dir", type=cli.input_dir,
         help="image folder DIR/<class>/<image>, or a root with train/ and val/ (or validation/)",
-    )
+    )  # fmt: skip
     source.add_argument("--dataset", help="a TFDS name, e.g. cifar10")
-    parser.add_argument("--val-dir", default=None,
+    parser.add_argument("--val-dir", default=None, type=cli.input_dir,
                         help="a separate validation folder (class folders, or flat with "
                         "--val-labels)")  # fmt: skip
     parser.add_argument(
-        "--val-labels", default=None,
+        "--val-labels", default=None, type=cli.input_file,
         help="label file of a flat --val-dir: '<image> <class>' per line",
     )  # fmt: skip
-    parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir")
+    parser.add_argument("--tfds-data-dir", default=None, type=cli.output_path,
+                        help="TFDS data_dir")  # fmt: skip
     parser.add_argument(
-        "--validation-fraction", type=float, default=0.1,
+        "--validation-fraction", type=cli.held_out_fraction, default=0.1,
         help="image folders: the share of each class held out as 'validation' (as in training)",
     )  # fmt: skip
-    parser.add_argument("--limit-per-class", type=int, default=None,
+    parser.add_argument("--limit-per-class", type=cli.positive_int, default=None,
                         help="use at most this many images per class")  # fmt: skip
 
 
@@ -672,15 +717,18 @@ def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
     ``--batch-size``, ``--crop-pct`` and ``--interpolation``; :func:`evaluation_data_kwargs`
     turns them into keyword arguments.
     """
+    from convmixer_tf import cli
+
     add_data_source_arguments(parser, required=True)
     parser.add_argument(
         "--split", default=None,
         help="train | validation | all | a TFDS split. Default: the whole image folder, its "
         "validation folder (train/ + val/ root, --val-dir), or TFDS' validation (test) split",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=batch_size,
+                        help="images per batch")  # fmt: skip
     parser.add_argument(
-        "--crop-pct", type=float, default=1.0,
+        "--crop-pct", type=cli.fraction, default=1.0,
         help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
     )  # fmt: skip
     parser.add_argument(

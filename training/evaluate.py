@@ -15,7 +15,6 @@ Python::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -89,11 +88,12 @@ def evaluate(model, dataset: tf.data.Dataset, class_names: Sequence[str]) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
     )
-    parser.add_argument("--model", required=True, help="a .keras file")
-    parser.add_argument("--image-size", type=int, help="default: the model's input size")
+    parser.add_argument("--model", required=True, type=cli.input_path, help="a .keras file")
+    parser.add_argument("--image-size", type=cli.positive_int,
+                        help="default: the model's input size")  # fmt: skip
     add_evaluation_data_arguments(parser, batch_size=100)
     cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     data = evaluation_data_kwargs(args)
     dataset, class_names = load_dataset(image_size=image_size, **data)
     result = evaluate(model, dataset, class_names)
-    print(json.dumps({"model": args.model, "split": data["split"], **result}))
+    cli.emit({"model": args.model, "split": data["split"], **result})
     return 0
 
 

@@ -86,8 +86,10 @@ def launch(
 ) -> int:
     """Runs ``program`` as ``num_workers`` workers of one cluster; returns the exit code.
 
-    Returns 0 when every worker exits with 0; otherwise the first non-zero exit code (128 + N
-    for a worker killed by signal N), after terminating the workers still running.
+    Every line the workers print (stdout and stderr) goes to ``output`` (default: stderr),
+    prefixed with ``[worker N]``. Returns 0 when every worker exits with 0; otherwise the first
+    non-zero exit code (128 + N for a worker killed by signal N), after terminating the workers
+    still running.
 
     Example:
         >>> check = "import json, os; assert json.loads(os.environ['TF_CONFIG'])['cluster']"
@@ -98,7 +100,7 @@ def launch(
         raise ValueError(f"`workers` must be at least 1. Received: workers={num_workers}")
     if not program:
         raise ValueError("No program to launch: give the training arguments after `--`.")
-    output = output if output is not None else sys.stdout
+    output = output if output is not None else sys.stderr
     addresses = [f"{host}:{port}" for port in free_ports(num_workers, host)]
     lock = threading.Lock()
     processes, threads = [], []
@@ -158,11 +160,13 @@ def _stop(processes: Sequence[subprocess.Popen]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's options; everything after ``--`` goes to the training module."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m training.launch",
-        description="Start N multi-worker training processes on this host (TF_CONFIG set).",
+        description="Start N multi-worker training processes on this host (TF_CONFIG set); "
+        "their output goes to stderr, one JSON line with the job's exit code to stdout.",
     )
-    parser.add_argument("--workers", type=int, required=True, help="number of worker processes")
+    parser.add_argument("--workers", type=cli.positive_int, required=True,
+                        help="number of worker processes")  # fmt: skip
     parser.add_argument(
         "--module",
         default="training.train",
@@ -189,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
     """Launches the job ``args`` describe; returns its exit code."""
     args = _drop_separator(args)
     program = [sys.executable, "-m", args.module, *args.train_args]
-    return launch(program, args.workers, host=args.host)
+    status = launch(program, args.workers, host=args.host)
+    cli.emit({"workers": args.workers, "module": args.module, "exit_code": status})
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,9 @@ A backup (``<output_dir>/backup/``) holds, at global step ``g``: every model var
 and BatchNorm statistics), every optimizer variable (the step counter that drives the
 learning-rate schedule, AdamW's moments, the EMA weights) and, for a backup inside an epoch,
 the metric accumulators of that epoch. ``latest.json`` points at the current state file and is
-replaced last: a kill at any moment leaves the previous complete backup.
+replaced last: a kill at any moment leaves the previous complete backup. The state before the
+current one is kept too: a current file found unreadable (a disk error, a file cut short) is
+named in a warning and the run resumes from the one before (:func:`load_backup`).
 
 With the input pipeline a function of (seed, step) (:func:`training.pipeline.make_train_dataset`
 skips to ``g`` before decoding), the resumed run continues exactly as the uninterrupted run:
@@ -16,17 +18,19 @@ Example:
     >>> model.compile(optimizer="adamw", loss="mse")
     >>> folder = tempfile.mkdtemp()
     >>> path = save_state(model, folder, step=3, mid_epoch=False)
-    >>> read_pointer(folder)["step"]
+    >>> load_backup(folder).step
     3
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -106,12 +110,67 @@ def save_state(
         group: sum(key.startswith(group + "/") for key in arrays)
         for group in ("model", "optimizer", "metrics")
     }
-    pointer = {"step": step, "file": name, "mid_epoch": mid_epoch, "counts": counts}
+    last = _readable_pointer(backup_dir)
+    previous = None
+    if last is not None:  # the state before this one (unless this one is written again)
+        previous = last.get("previous") if last["file"] == name else last
+        previous = {k: v for k, v in previous.items() if k != "previous"} if previous else None
+    pointer = {"step": step, "file": name, "mid_epoch": mid_epoch, "counts": counts,
+               "previous": previous}  # fmt: skip
     files.write_atomic(os.path.join(backup_dir, POINTER), json.dumps(pointer))
-    for old in os.listdir(backup_dir):  # keep only the current state
-        if old.startswith("state_") and old.endswith(".npz") and old != name:
+    keep = {name, previous["file"] if previous else None}
+    for old in os.listdir(backup_dir):  # keep the current state and the one before
+        if old.startswith("state_") and old.endswith(".npz") and old not in keep:
             os.remove(os.path.join(backup_dir, old))
     return path
+
+
+def _readable_pointer(backup_dir: str) -> dict | None:
+    try:
+        return read_pointer(backup_dir)
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass
+class Backup:
+    """A backup that was read completely: its step, kind and arrays (``group/index``)."""
+
+    step: int
+    mid_epoch: bool
+    path: str
+    arrays: dict[str, np.ndarray]
+
+
+def load_backup(backup_dir: str) -> Backup | None:
+    """The newest readable backup in ``backup_dir`` (None if there is none).
+
+    The current state file is read whole; if it is unreadable (cut short, corrupt), a warning
+    names it and the state before it is used. Raises a ValueError naming the files when no
+    backup can be read (remove the folder, or ``--overwrite``, to start over).
+    """
+    pointer = read_pointer(backup_dir)
+    if pointer is None:
+        return None
+    candidates = [pointer] + ([pointer["previous"]] if pointer.get("previous") else [])
+    failures = []
+    for entry in candidates:
+        path = os.path.join(backup_dir, entry["file"])
+        try:
+            with np.load(path) as saved:
+                arrays = {key: saved[key] for key in saved.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            failures.append(f"{path!r} ({reason})")
+            logger.warning("The backup %s is unreadable (%s)", path, reason)
+            continue
+        if failures:
+            logger.warning("Resuming from the backup before it: %s (step %d)", path, entry["step"])
+        return Backup(int(entry["step"]), bool(entry["mid_epoch"]), path, arrays)
+    raise ValueError(
+        f"No readable backup in {backup_dir!r}: {'; '.join(failures)}. Remove that folder to "
+        "start the run over, or add --overwrite."
+    )
 
 
 def read_pointer(backup_dir: str) -> dict | None:
@@ -128,15 +187,14 @@ def read_pointer(backup_dir: str) -> dict | None:
     return pointer
 
 
-def restore_state(
-    model, backup_dir: str, strategy=None, pointer: dict | None = None
-) -> tuple[int, list[np.ndarray]]:
+def restore_state(model, backup: Backup | str, strategy=None) -> tuple[int, list[np.ndarray]]:
     """Assigns the backup's model and optimizer variables to ``model`` (compiled, optimizer
     built here if needed); returns ``(step, metric accumulators)``: those are added to the
     metrics after the first resumed batch (:class:`ResumeMetrics`), once Keras built them.
-    ``pointer``: :func:`read_pointer`'s result when the caller already read it."""
-    pointer = pointer or read_pointer(backup_dir)
-    if pointer is None:
+    ``backup``: :func:`load_backup`'s result, or the backup folder to read it from."""
+    if isinstance(backup, str):
+        backup = load_backup(backup)
+    if backup is None:
         return 0, []
     optimizer = model.optimizer
     # Keras 3 has `built`; tf_keras' optimizer keeps it private.
@@ -146,9 +204,7 @@ def restore_state(
                 optimizer.build(model.trainable_variables)
         else:
             optimizer.build(model.trainable_variables)
-    path = os.path.join(backup_dir, pointer["file"])
-    with np.load(path) as saved:
-        stored = {key: saved[key] for key in saved.files}
+    path, stored = backup.path, backup.arrays
     groups = state_variables(model)
     for group in ("model", "optimizer"):
         variables = groups[group]
@@ -166,7 +222,7 @@ def restore_state(
                 )
             variable.assign(value)
     metrics = [stored[k] for k in sorted(stored) if k.startswith("metrics/")]
-    return int(pointer["step"]), metrics
+    return backup.step, metrics
 
 
 def callback_classes(keras):
@@ -202,6 +258,11 @@ def callback_classes(keras):
         def _save(self, step: int, mid_epoch: bool) -> None:
             start = time.monotonic()
             arrays = collect_state(self.model, mid_epoch)
+            if not all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("model/")):
+                # A diverged model (NaN or inf weights) is no state to resume from: the
+                # previous backups stay.
+                logger.warning("Not backing up step %d: the model's weights are not finite", step)
+                return
             if self.chief:
                 save_state(self.model, self.backup_dir, step, mid_epoch, arrays)
             self._last_end = time.monotonic()

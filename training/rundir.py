@@ -165,10 +165,15 @@ def saved_config(output_dir: str) -> dict[str, Any]:
 
 
 def check_resume(
-    output_dir: str, resolved: dict[str, Any], defaults: dict[str, Any] | None = None
+    output_dir: str,
+    resolved: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    state: str = "unfinished",
 ) -> None:
     """Raises a ValueError naming the keys in which ``resolved`` (the new run's resolved config,
-    as ``config.json`` stores it) differs from the saved run's, :data:`RESUMABLE_CHANGES` aside.
+    as ``config.json`` stores it) differs from the saved run's, :data:`RESUMABLE_CHANGES` aside:
+    an unfinished run would resume with other settings, a finished one would look as if it had
+    trained the new config.
 
     A key that the saved config lacks (a run started by an older version) counts as its value in
     ``defaults``."""
@@ -180,9 +185,10 @@ def check_resume(
     }
     if differing:
         details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+        again = "to resume" if state == "unfinished" else "to see its results"
         raise ValueError(
-            f"The unfinished run in {output_dir!r} trained something else: {details}. Rerun its "
-            "own command to resume, or add --overwrite to start a new run there (or use "
+            f"The {state} run in {output_dir!r} trained something else: {details}. Rerun its "
+            f"own command {again}, or add --overwrite to start a new run there (or use "
             "another --output-dir)."
         )
 

@@ -7,18 +7,19 @@ CIFAR-10 with the paper's recipe (TFDS downloads it on first use)::
 The same recipe on the image folder (last 10% of each class held out for validation)::
 
     python -m training.train --recipe cifar10_convmixer_256_8 \\
-        --data-dir ../shared/data/cifar10/train --output-dir runs/c10_folder
+        --data-dir DATA/cifar10/train --output-dir runs/c10_folder
 
 A tiny model for a minute, any recipe key as ``--key value`` or ``--set key=value``::
 
     python -m training.train --recipe cifar10_convmixer_256_8 \\
-        --data-dir ../shared/data/cifar10/train \\
+        --data-dir DATA/cifar10/train \\
         --dim 64 --depth 2 --epochs 2 --batch-size 64 --limit-per-class 100 --set lr_max=0.01
 
-Rerunning a command whose run was interrupted (Ctrl-C, kill -9, preemption) resumes from the
-last completed epoch in ``<output-dir>/backup``. ``--list-recipes`` lists the recipes,
-``--print-config`` prints the resolved config and exits, ``--benchmark-input N`` times N
-batches of the training input pipeline alone (images/s) and exits.
+Rerunning a command whose run was interrupted (Ctrl-C, kill -9, preemption) resumes at the step
+after the last backup in ``<output-dir>/backup`` (50 per epoch by default), inside the epoch.
+``--list-recipes`` lists the recipes, ``--print-config`` prints the resolved config and exits,
+``--benchmark-input N`` times N batches of the training input pipeline alone (images/s) and
+exits. Each prints one JSON line on stdout; Keras' progress and the logs go to stderr.
 
 Several devices or hosts: ``--strategy mirrored`` (and the other keys that
 :mod:`training.distribute` reads), or ``python -m training.launch`` for multi-worker runs.
@@ -27,9 +28,10 @@ Several devices or hosts: ``--strategy mirrored`` (and the other keys that
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Sequence
@@ -40,7 +42,7 @@ from training import config as config_lib
 PROG = "python -m training.train"
 # The documented options, mapped to config keys. Any other config key works as --key value.
 NAMED_OPTIONS = {
-    "--model": "model",
+    "--preset": "model",
     "--dim": "dim",
     "--depth": "depth",
     "--kernel-size": "kernel_size",
@@ -60,7 +62,7 @@ def _dest(option: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog="Any config key is also an option: --lr-max 0.01, --mixup-alpha 0.2, --ema "
@@ -69,14 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="a recipe name (training/recipes/) or a .json path")
     for option, key in NAMED_OPTIONS.items():
         parser.add_argument(option, dest=_dest(option), metavar=key.upper(), help=key)
+    parser.add_argument("--model", dest=_dest("--preset"), action=cli.DeprecatedAlias,
+                        new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     parser.add_argument(
-        "--benchmark-input", type=int, metavar="N", help="time N batches of the input pipeline"
-    )
+        "--benchmark-input", type=cli.positive_int, metavar="N",
+        help="time N batches of the input pipeline",
+    )  # fmt: skip
     cli.add_debug_argument(parser)
     return parser
 
@@ -173,26 +178,35 @@ def benchmark_input(config: config_lib.TrainConfig, batches: int) -> dict:
 def run(argv: Sequence[str]) -> int:
     """Resolves the config and trains (or lists, prints, times) as ``argv`` asks."""
     if "--list-recipes" in argv:
-        print("\n".join(config_lib.available_recipes()))
+        cli.emit({"recipes": config_lib.available_recipes()})
         return 0
     config, args = resolve_config(argv)
     if args.print_config:
-        print(config.to_json(), end="")
+        cli.emit(config.to_dict())
         return 0
     files.check_output_dir(config.output_dir)
     if args.benchmark_input:
-        print(json.dumps(benchmark_input(config, args.benchmark_input)))
+        with cli.stdout_to_stderr():
+            record = benchmark_input(config, args.benchmark_input)
+        cli.emit(record)
         return 0
 
     from training import trainer  # imports TensorFlow and Keras
 
     try:
-        metrics = trainer.train(config)
+        with cli.stdout_to_stderr():  # Keras' progress bar
+            metrics = trainer.train(config)
     except trainer.TrainingDivergedError as e:
         return cli.report(PROG, e, status=1)
     if metrics:
-        print(json.dumps({"output_dir": config.output_dir, **metrics["final"]}))
+        cli.emit({"output_dir": config.output_dir, **metrics["final"]})
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # `kill` (and schedulers' preemption) sends SIGTERM: exit through Python, so that the run
+    # lock is released and the temporaries removed (the backups make the rerun resume).
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,12 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return cli.guarded(PROG, "--debug" in argv, lambda: run(argv))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return run(argv)
-    except cli.USER_ERRORS as e:
-        if "--debug" in argv:
-            raise
-        return cli.report(PROG, e)
+        return cli.guarded(PROG, "--debug" in argv, lambda: run(argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

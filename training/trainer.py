@@ -48,6 +48,7 @@ import tensorflow as tf
 
 import convmixer_tf
 from convmixer_tf import files, saving
+from convmixer_tf.cli import finite_json
 from training import allocator, data, distribute, pipeline, resume, rundir
 from training.callbacks import (
     TrainingDivergedError,
@@ -316,20 +317,30 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
 
     A run directory belongs to one run (:mod:`training.rundir`): the chief locks it; rerunning
     the same config after an interruption resumes from the last backup; a config that trains
-    something else is refused before any file is touched; a finished run is left as it is (its
-    metrics are returned) unless ``config.overwrite``, which clears the run's outputs first.
-    ``extra_callbacks`` are added after the project's own.
+    something else is refused before any file is touched; a finished run of the same config is
+    left as it is (its metrics are returned), of another config refused, unless
+    ``config.overwrite``, which clears the run's outputs first. The output folder may not be
+    (or lie inside) a data folder. ``extra_callbacks`` are added after the project's own.
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite (no final model is written).
         ValueError: the directory is in use by another run, or the config differs from the
-            unfinished run's there.
+            run's there.
     """
     output_dir = config.output_dir
     files.check_output_dir(output_dir)
+    files.check_not_input(
+        {"--output-dir": output_dir},
+        {"--data-dir": config.data_dir, "--val-dir": config.val_dir,
+         "--val-labels": config.val_labels, "--tfds-data-dir": config.tfds_data_dir},
+    )  # fmt: skip
     if config.data_dir is not None:  # the folders exist: checked before anything is locked
         data.resolve_layout(config.data_dir, config.val_dir, config.val_labels)
     state = rundir.run_state(output_dir)
+    if state != "new" and not config.overwrite:
+        rundir.check_resume(
+            output_dir, resolve_config(config).to_dict(), TrainConfig().to_dict(), state
+        )
     if state == "finished" and not config.overwrite:
         with open(os.path.join(output_dir, METRICS_FILE)) as f:
             metrics = json.load(f)
@@ -344,14 +355,9 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
     if lock is not None:
         lock.acquire()
     try:
-        if config.overwrite:
-            if lock is not None:
-                removed = rundir.clear_outputs(output_dir)
-                logger.warning("--overwrite: removed %s from %s", removed, output_dir)
-        elif state == "unfinished":
-            rundir.check_resume(
-                output_dir, resolve_config(config).to_dict(), TrainConfig().to_dict()
-            )
+        if config.overwrite and lock is not None:
+            removed = rundir.clear_outputs(output_dir)
+            logger.warning("--overwrite: removed %s from %s", removed, output_dir)
         return _train(config, extra_callbacks)
     finally:
         if lock is not None:
@@ -360,8 +366,8 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
 
 def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     backup_dir = os.path.join(config.output_dir, BACKUP_DIR)
-    pointer = resume.read_pointer(backup_dir)
-    training = build_training(config, start_step=pointer["step"] if pointer else 0)
+    backup = resume.load_backup(backup_dir)
+    training = build_training(config, start_step=backup.step if backup else 0)
     config = training.config
     chief = distribute.is_chief(training.strategy)
     output_dir = config.output_dir
@@ -373,14 +379,12 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
         )
     callbacks, stop_on_nan = make_callbacks(training, chief)
     step, metric_state = 0, []
-    if pointer is not None:
-        step, metric_state = resume.restore_state(
-            training.model, backup_dir, training.strategy, pointer
-        )
+    if backup is not None:
+        step, metric_state = resume.restore_state(training.model, backup, training.strategy)
         logger.warning(
-            "Resuming at step %d (epoch %d, batch %d) from the backup in %s",
+            "Resuming at step %d (epoch %d, batch %d) from the backup %s",
             step, step // training.steps_per_epoch + 1, step % training.steps_per_epoch,
-            backup_dir,
+            backup.path,
         )  # fmt: skip
     with warnings.catch_warnings():
         # Keras 3 warns at the end of every (finite) validation pass; the training set repeats.
@@ -415,7 +419,8 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     with open(metrics_path) as f:
         metrics = json.load(f)
     metrics["skipped_images"] = list(training.skipped)
-    files.write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    text = json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n"
+    files.write_atomic(metrics_path, text)
     if training.skipped:
         logger.warning(
             "Skipped %d unreadable training image(s); their paths are in %s",
