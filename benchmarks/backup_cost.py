@@ -14,22 +14,38 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
+from convmixer_tf import cli, files
 from training import config as config_lib
-from training import resume, trainer
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="imagenet_convmixer_1536_20")
-    parser.add_argument("--output-dir", required=True, help="where the backup is written")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps-per-epoch", type=int, default=2002, help="ImageNet at 640")
-    parser.add_argument("--step-seconds", type=float, default=None)
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.backup_cost", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--recipe", default="imagenet_convmixer_1536_20",
+                        choices=config_lib.available_recipes())  # fmt: skip
+    parser.add_argument("--output-dir", required=True, type=cli.output_path,
+                        help="where the backup is written")  # fmt: skip
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    parser.add_argument("--steps-per-epoch", type=cli.positive_int, default=2002,
+                        help="ImageNet at 640")  # fmt: skip
+    parser.add_argument("--step-seconds", type=cli.positive_float, default=None)
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures; prints one JSON line."""
+    files.check_output_dir(args.output_dir)
+    from training import resume, trainer
 
     config = config_lib.apply_overrides(
         config_lib.from_recipe(args.recipe), {"data_dir": "unused", "dataset": None}
@@ -59,9 +75,9 @@ def main(argv=None) -> dict:
     }
     if args.step_seconds:
         record["backup_time_share"] = round(min(saves) / (freq * args.step_seconds), 4)
-    print(json.dumps(record))
-    return record
+    cli.emit(record)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

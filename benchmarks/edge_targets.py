@@ -14,7 +14,7 @@ the compute do not depend on the values.
 Example::
 
     TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.edge_targets --model runs/quick/model.keras \\
-        --presets convmixer_256_8 convmixer_1024_20 --targets ethos-u55-128 ethos-u65-256
+        --preset convmixer_256_8 convmixer_1024_20 --targets ethos-u55-128 ethos-u65-256
 """
 
 from __future__ import annotations

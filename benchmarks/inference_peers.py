@@ -11,7 +11,7 @@ engines' logits on the same probe images are compared, so that a fast wrong grap
 
 Example::
 
-    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.inference_peers --models convmixer_1024_20 \\
+    TF_CPP_MIN_LOG_LEVEL=2 python -m benchmarks.inference_peers --preset convmixer_1024_20 \\
         --peers-python .torchvenv/bin/python --threads 2 --rounds 3
 """
 

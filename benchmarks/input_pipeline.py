@@ -15,18 +15,20 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
-from training import data, measure, pipeline, trainer
-from training.config import apply_overrides, from_recipe
+from convmixer_tf import cli
+from training.config import apply_overrides, available_recipes, from_recipe
 
 MATMUL_SIZE = 1024
 
 
 def matmul_gflops(repeats: int = 20) -> float:
     """GFLOP/s of a float32 matmul of MATMUL_SIZE squared matrices (:mod:`training.measure`)."""
+    from training import measure
+
     return measure.matmul_peak_flops(MATMUL_SIZE, repeats) / 1e9
 
 
@@ -37,14 +39,27 @@ def images_per_second(iterator, batches: int, batch_size: int) -> float:
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="cifar10_convmixer_256_8")
-    parser.add_argument("--data-dir", required=True, help="image folder DIR/<class>/<image>")
-    parser.add_argument("--cached-batches", type=int, default=30)
-    parser.add_argument("--train-batch-size", type=int, default=128)
-    parser.add_argument("--train-steps", type=int, default=4)
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m benchmarks.input_pipeline", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--recipe", default="cifar10_convmixer_256_8", choices=available_recipes())
+    parser.add_argument("--data-dir", required=True, type=cli.input_dir,
+                        help="image folder DIR/<class>/<image>")  # fmt: skip
+    parser.add_argument("--cached-batches", type=cli.positive_int, default=30)
+    parser.add_argument("--train-batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--train-steps", type=cli.positive_int, default=4)
+    cli.add_debug_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures; prints one JSON line."""
+    from training import data, pipeline, trainer
 
     result = {"matmul_gflops_start": round(matmul_gflops(), 1)}
     config = apply_overrides(from_recipe(args.recipe), {"data_dir": args.data_dir, "dataset": None})
@@ -87,8 +102,9 @@ def main(argv=None) -> None:
     result["pipeline_over_train_step"] = round(cached / result["train_step_img_s"], 1)
     result["matmul_gflops_end"] = round(matmul_gflops(), 1)
     result["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result))
+    cli.emit(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

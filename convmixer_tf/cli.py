@@ -60,20 +60,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _number(kind: type, text: str) -> int | float:
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number. Received: {text!r}")
-    return value
-
-
 def _checked(kind: type, test: Callable[[Any], bool], what: str, name: str):
     def parse(text: str):
-        value = _number(kind, text)
-        if not test(value):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value) or not test(value):
             raise argparse.ArgumentTypeError(f"must be {what}. Received: {text!r}")
         return value
 

@@ -460,6 +460,7 @@ def fetch_checkpoint(
         raise  # a hash that does not match
     except Exception as e:  # noqa: BLE001 - see above
         reason = " ".join(str(e).split()) or type(e).__name__
+        reason = reason.rpartition(" -- ")[2]  # Keras: "URL fetch failure on <url>: <n> -- why"
         raise ValueError(
             f"Could not download {url}: {reason}. Download the file where there is a network "
             "and pass its path instead (--weights PATH, or weights=PATH)."

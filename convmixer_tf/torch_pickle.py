@@ -97,19 +97,32 @@ def _rebuild_tensor_v2(
     backward_hooks=None,
     metadata=None,
 ) -> np.ndarray:
-    """NumPy version of ``torch._utils._rebuild_tensor_v2``: a strided view, copied.
-
-    Checked before anything is allocated: a tensor holds at most as many elements as its
-    storage, and its last element lies inside the storage."""
+    """NumPy version of ``torch._utils._rebuild_tensor_v2``: a strided view, copied
+    (:func:`_check_tensor` first)."""
     del requires_grad, backward_hooks, metadata  # training state, not data
     size, stride = tuple(size), tuple(stride)
+    _check_tensor(storage, storage_offset, size, stride)
+    if 0 in size:
+        return np.zeros(size, dtype=storage.dtype)
+    view = np.lib.stride_tricks.as_strided(
+        storage[storage_offset:],
+        shape=size,
+        strides=tuple(s * storage.itemsize for s in stride),
+        writeable=False,
+    )
+    return np.array(view)
+
+
+def _check_tensor(storage: np.ndarray, storage_offset, size: tuple, stride: tuple) -> None:
+    """Before anything is allocated: a tensor holds at most as many elements as its storage,
+    and its last element lies inside the storage."""
     ints = (storage_offset, *size, *stride)
     if len(size) != len(stride) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints
     ):
         raise ValueError(f"Malformed tensor in checkpoint: size={size}, stride={stride}")
     if 0 in size:
-        return np.zeros(size, dtype=storage.dtype)
+        return
     elements = math.prod(size)
     if elements > storage.size:
         raise ValueError(
@@ -122,13 +135,6 @@ def _rebuild_tensor_v2(
             f"Malformed tensor in checkpoint: size={size}, stride={stride}, "
             f"offset={storage_offset} reach past its storage of {storage.size} elements"
         )
-    view = np.lib.stride_tricks.as_strided(
-        storage[storage_offset:],
-        shape=size,
-        strides=tuple(s * storage.itemsize for s in stride),
-        writeable=False,
-    )
-    return np.array(view)
 
 
 def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False, backward_hooks=None):
@@ -165,7 +171,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._allowed = _safe_globals()
         self._allowed[("torch._utils", "_rebuild_tensor_v2")] = self._rebuild_tensor
         self._max_bytes = max_bytes
-        self._allocated = 0
+        self._allocated = len(file.getbuffer())  # the pickle itself
 
     def _allocate(self, nbytes: int, what: str) -> None:
         """Counts ``nbytes`` against the limit before they are allocated."""
@@ -178,11 +184,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, *rest):
-        try:
-            elements = math.prod(int(n) for n in size)
-        except (TypeError, ValueError):
-            elements = 0  # malformed: _rebuild_tensor_v2 says so
-        self._allocate(elements * storage.itemsize, f"a tensor of shape {tuple(size)}")
+        size, stride = tuple(size), tuple(stride)
+        _check_tensor(storage, storage_offset, size, stride)
+        self._allocate(math.prod(size) * storage.itemsize, f"a tensor of shape {size}")
         return _rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
 
     def find_class(self, module: str, name: str):
@@ -325,6 +329,14 @@ def load(path: str | os.PathLike, max_bytes: int | None = None):
             raise ValueError(f"{path!r}: unknown byteorder {byteorder!r}")
         limit = max_checkpoint_bytes() if max_bytes is None else max_bytes
         if archive.getinfo(pickles[0]).file_size > limit:
-            raise ValueError(f"Refusing to load {path!r}: its pickle is larger than {limit} bytes.")
+            raise ValueError(
+                f"Refusing to load {path!r}: its pickle alone is above the limit of {limit} "
+                f"bytes (max_bytes, or ${LIMIT_VARIABLE} for a file you trust)."
+            )
         data = io.BytesIO(archive.read(pickles[0]))
-        return _RestrictedUnpickler(data, archive, prefix, byteorder, path, limit).load()
+        try:
+            return _RestrictedUnpickler(data, archive, prefix, byteorder, path, limit).load()
+        except ValueError as e:
+            if path in str(e):
+                raise
+            raise ValueError(f"{path!r}: {e}") from None

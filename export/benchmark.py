@@ -9,7 +9,7 @@ Usage::
     python -m export.benchmark --preset convmixer_256_8 --output-dir bench/
     # large-kernel depthwise rewrite on the ImageNet variants (224x224, random weights)
     python -m export.benchmark --imagenet-variants --threads 2 --output-dir bench/ \\
-        --torch-python .torchvenv/bin/python
+        --peers-python .torchvenv/bin/python
 
 Latency is batch 1, the median over ``--repeats`` invocations after warm-up, with
 ai-edge-litert's default XNNPACK delegate at 1 and ``--threads`` threads. Reported ratios:

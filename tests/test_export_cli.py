@@ -82,7 +82,7 @@ def test_fp32_of_a_model_without_fixed_input_size(tmp_path, capfd):
         (["--format", "qat", "--data-dir", "."], "--qat-steps or --qat-epochs"),
         (["--format", "qat", "--data-dir", ".", "--qat-steps", "1", "--batch-norm", "mul"],
          "applies to format int8 only"),
-        (["--format", "fp32", "--depthwise-tile", "big"], "depthwise_tile (--depthwise-tile) must be auto"),
+        (["--format", "fp32", "--depthwise-tile", "big"], "--depthwise-tile: must be auto"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_one_line_before_any_work(keras_path, tmp_path, capfd, extra, message):

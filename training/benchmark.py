@@ -2,7 +2,7 @@
 
 Prints ONE JSON line (to stdout; logs go to stderr)::
 
-    python -m training.benchmark --model convmixer_256_8 --batch-size 128 --steps 5
+    python -m training.benchmark --preset convmixer_256_8 --batch-size 128 --steps 5
 
 The step timed is the one ``python -m training.train`` runs: :func:`training.trainer.build_training`
 builds the strategy, pipeline and model from the recipe (default ``cifar10_convmixer_256_8``) and
