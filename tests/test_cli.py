@@ -168,7 +168,9 @@ def test_launch_with_no_workers_is_one_line(capsys):
     from training import launch
 
     assert launch.main(["--workers", "0", "--", "--data-dir", "x"]) == 2
-    assert "`workers` must be at least 1" in one_error_line(capsys, "python -m training.launch")
+    assert "--workers: must be a positive integer" in one_error_line(
+        capsys, "python -m training.launch"
+    )
 
 
 def test_train_with_a_missing_data_folder_touches_nothing(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The convert command: PyTorch checkpoint -> .keras, written atomically, same logits."""
 
+import json
 import os
 import pathlib
 import re
@@ -18,7 +19,7 @@ def test_convert_writes_a_keras_file_with_pytorch_logits(tmp_path, capsys):
     checkpoint = str(FIXTURES / "timm_relu_k4.safetensors")
     argv = ["--weights", checkpoint, "--activation", "relu", "--input-size", "16"]
     assert convert.main([*argv, "--output", str(output)]) == 0
-    assert "reload max abs diff 0" in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out)["reload_max_abs_diff"] == 0
     assert os.listdir(output.parent) == ["convmixer.keras"]  # no temporary file left
     with np.load(FIXTURES / "expected_logits.npz") as expected:
         model = keras.saving.load_model(output)
@@ -28,7 +29,7 @@ def test_convert_writes_a_keras_file_with_pytorch_logits(tmp_path, capsys):
 
 def test_convert_with_a_preset_checks_the_architecture(tmp_path, capsys):
     checkpoint = str(FIXTURES / "timm_gelu_k3.safetensors")
-    argv = ["--model", "convmixer_256_8", "--weights", checkpoint]
+    argv = ["--preset", "convmixer_256_8", "--weights", checkpoint]
     assert convert.main([*argv, "--output", str(tmp_path / "m.keras")]) == 2
     err = capsys.readouterr().err
     assert re.search("dim=16, depth=2, kernel_size=3.*dim=256, depth=8", err)

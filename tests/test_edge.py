@@ -145,6 +145,7 @@ def test_cli_targets(tmp_path, capfd):
 
 
 def test_cli_refuses_targets_for_float_files(tmp_path, capfd):
+    (tmp_path / "m.keras").write_bytes(b"never read: the request is refused first")
     status = cli.main(
         ["--model", str(tmp_path / "m.keras"), "--format", "fp32", "--output",
          str(tmp_path / "m.tflite"), "--target", "tflm"]

@@ -88,4 +88,4 @@ def test_command_line_prints_one_json_line(tmp_path, capsys):
     assert list(result["per_class"]) == CLASSES
 
     status = evaluate_lib.main(["--model", str(tmp_path / "missing.keras"), "--data-dir", "x"])
-    assert status == 2 and "Model file not found" in capsys.readouterr().err
+    assert status == 2 and "--model: not found" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The predict command: top classes of image files with a pretrained checkpoint."""
 
+import json
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -12,12 +12,14 @@ from convmixer_tf import imagenet, predict
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
 IMAGE = str(FIXTURES / "eval_image.png")
-LINE = re.compile(r"\s+(\d)\.\s+([\d.]+)%\s+(\S+)\s+(.+)")
 
 
 def parse(output: str) -> list[tuple[int, float, str, str]]:
+    """(rank, percent, id, name) of the one image in predict's JSON line."""
+    (prediction,) = json.loads(output)["predictions"]
     return [
-        (int(m[1]), float(m[2]), m[3], m[4]) for m in map(LINE.fullmatch, output.splitlines()) if m
+        (rank, 100 * c["probability"], c["id"], c["name"])
+        for rank, c in enumerate(prediction["top"], start=1)
     ]
 
 
@@ -26,7 +28,7 @@ def test_predict_prints_top5_of_the_model(capsys):
     argv = ["--weights", checkpoint, "--activation", "relu", "--input-size", "16", IMAGE]
     assert predict.main(argv) == 0
     output = capsys.readouterr().out
-    assert output.splitlines()[0] == IMAGE
+    assert json.loads(output)["predictions"][0]["image"] == IMAGE
     rows = parse(output)
     assert [rank for rank, *_ in rows] == [1, 2, 3, 4, 5]
     # The same numbers computed directly: timm's eval transform, the model, softmax.
@@ -44,7 +46,8 @@ def test_predict_with_a_preset_uses_its_class_names(tmp_path, capsys):
     weights = str(tmp_path / "cifar.weights.h5")
     model.save_weights(weights)
     assert (
-        predict.main(["--model", "convmixer_256_8", "--weights", weights, "--top", "3", IMAGE]) == 0
+        predict.main(["--preset", "convmixer_256_8", "--weights", weights, "--top", "3", IMAGE])
+        == 0
     )
     rows = parse(capsys.readouterr().out)
     assert len(rows) == 3

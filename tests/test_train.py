@@ -67,7 +67,7 @@ def test_bad_command_lines_exit_2_with_the_reason(argv, message, capsys):
 
 def test_list_recipes_and_print_config(capsys):
     assert train.main(["--list-recipes"]) == 0
-    assert "imagenet_convmixer_768_32" in capsys.readouterr().out.split()
+    assert "imagenet_convmixer_768_32" in json.loads(capsys.readouterr().out)["recipes"]
     argv = ["--recipe", "imagenet_convmixer_768_32", "--data", "d", "--print-config"]
     assert train.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
