@@ -6,13 +6,13 @@ Usage::
     python -m export --model model.keras --format fp32 --output out/model_fp32.tflite
     # full-integer post-training quantization, calibrated on the training images
     python -m export --model model.keras --format int8 --output out/model_int8.tflite \\
-        --data-dir ../shared/data/cifar10/train
+        --data-dir DATA/cifar10/train
     # quantization-aware fine-tuning (tfmot), then full-integer conversion; Edge TPU op check
     python -m export --model model.keras --format qat --output out/model_qat.tflite \\
-        --data-dir ../shared/data/cifar10/train --qat-steps 300 --qat-lr 1e-5 --edgetpu
+        --data-dir DATA/cifar10/train --qat-steps 300 --qat-lr 1e-5 --edgetpu
     # an Arm Ethos-U55 (Vela) and a microcontroller (TFLite Micro) check of the int8 file
     python -m export --model model.keras --format int8 --output out/model_int8.tflite \\
-        --data-dir ../shared/data/cifar10/train --target ethos-u55-128 --target tflm
+        --data-dir DATA/cifar10/train --target ethos-u55-128 --target tflm
     # a SavedModel for TF Serving: raw uint8 pixels or encoded image files in, top-5 out
     python -m export --model runs/c10/model.keras --format saved_model --output served/1
 

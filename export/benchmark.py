@@ -3,7 +3,7 @@
 Usage::
 
     # a trained CIFAR-10 model: all formats incl. QAT, accuracy on the held-out split
-    python -m export.benchmark --model model.keras --data-dir ../shared/data/cifar10/train \\
+    python -m export.benchmark --model model.keras --data-dir DATA/cifar10/train \\
         --qat-steps 200 --output-dir bench/
     # latency and size only, of an untrained preset (latency does not depend on weights)
     python -m export.benchmark --preset convmixer_256_8 --output-dir bench/

@@ -3,7 +3,7 @@
 Usage::
 
     python -m export.evaluate --tflite out/model_int8.tflite \\
-        --data-dir ../shared/data/cifar10/train --split validation --keras model.keras
+        --data-dir DATA/cifar10/train --split validation --keras model.keras
 
 prints one JSON line: ``{"top1": ..., "n": ..., "keras_top1": ..., "agreement": ...}``.
 

@@ -1,4 +1,4 @@
-"""Shared test settings: quiet TensorFlow, the real data's location, tiny model arguments."""
+"""Shared test settings: quiet TensorFlow, the committed CIFAR-10 slice, tiny model arguments."""
 
 import os
 import pathlib
@@ -9,15 +9,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The CIFAR-10 train split as JPEG class folders, beside the repo (never copied into it).
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-CIFAR10_TRAIN = SHARED_DATA / "cifar10" / "train"
+# 20 real CIFAR-10 training JPEGs per class, committed (scripts/make_cifar10_fixtures.py).
+CIFAR10_TRAIN = REPO_ROOT / "tests" / "fixtures" / "cifar10"
 
 
 @pytest.fixture
 def cifar10_train_dir() -> pathlib.Path:
-    if not CIFAR10_TRAIN.is_dir():
-        raise FileNotFoundError(f"The shared test data is missing: {CIFAR10_TRAIN}")
+    """CIFAR-10 class folders, 20 JPEGs each: the last 2 are the validation split (10%)."""
     return CIFAR10_TRAIN
 
 
@@ -46,5 +44,5 @@ def make_image_folder(root: pathlib.Path, classes: int = 3, per_class: int = 6, 
 
 @pytest.fixture
 def image_folder(tmp_path) -> pathlib.Path:
-    """A generated image folder: 3 classes of 6 PNG images of 16x16 (no shared data needed)."""
+    """A generated image folder: 3 classes of 6 PNG images of 16x16 (made here)."""
     return make_image_folder(tmp_path / "images")

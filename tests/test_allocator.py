@@ -47,7 +47,7 @@ def test_build_training_applies_it_unless_disabled(monkeypatch, enabled):
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     config = config_lib.TrainConfig(
-        data_dir="../shared/data/cifar10/train",
+        data_dir="tests/fixtures/cifar10",
         limit_per_class=1,
         val_split=None,
         dim=8,

@@ -65,7 +65,7 @@ def test_load_dataset_converts_gray_and_rgba_and_resizes(image_folder):
     np.testing.assert_array_equal(images[1][..., 0], images[1][..., 2])
 
 
-def test_load_dataset_reads_the_shared_cifar10_slice(cifar10_train_dir):
+def test_load_dataset_reads_the_cifar10_slice(cifar10_train_dir):
     ds, names = data.load_dataset(
         data_dir=str(cifar10_train_dir),
         split="validation",

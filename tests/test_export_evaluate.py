@@ -75,7 +75,7 @@ def test_cli_errors_are_one_line(tmp_path, cifar10_train_dir, capsys):
 def test_cli_holds_out_the_fraction_training_held_out(
     fp32_blob, tmp_path, cifar10_train_dir, capsys
 ):
-    # a small image folder: 2 classes x 10 images, linked from the shared data
+    # a small image folder: 2 classes x 10 images, linked from the CIFAR-10 slice
     for name in ("airplane", "automobile"):
         (tmp_path / "data" / name).mkdir(parents=True)
         for image in sorted((cifar10_train_dir / name).iterdir())[:10]:

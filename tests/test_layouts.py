@@ -16,7 +16,7 @@ CLASSES = ("airplane", "automobile", "bird")
 
 
 def link_images(source: pathlib.Path, target: pathlib.Path, start: int, count: int) -> None:
-    """``count`` images of each of CLASSES (from the ``start``-th), linked from the shared data."""
+    """``count`` images of each of CLASSES (from the ``start``-th), linked from the fixture."""
     for name in CLASSES:
         (target / name).mkdir(parents=True)
         for image in sorted((source / name).iterdir())[start : start + count]:
@@ -28,7 +28,7 @@ def imagenet_root(tmp_path, cifar10_train_dir):
     """ROOT/train/<class>/ (7 images each) and ROOT/val/<class>/ (3 images each)."""
     root = tmp_path / "imagenet"
     link_images(cifar10_train_dir, root / "train", 0, 7)
-    link_images(cifar10_train_dir, root / "val", 100, 3)
+    link_images(cifar10_train_dir, root / "val", 10, 3)
     return root
 
 

@@ -1,4 +1,4 @@
-"""The training and validation input pipelines (training.pipeline) on the shared image folder."""
+"""The training and validation input pipelines (training.pipeline) on the CIFAR-10 fixture."""
 
 import numpy as np
 import pytest

@@ -76,7 +76,8 @@ from training.measure import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "cifar10_convmixer_256_8"
-DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "cifar10", "train")
+# The synthetic mode needs one batch of real images: the committed CIFAR-10 slice by default.
+DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "cifar10")
 DATA_MODES = ("synthetic", "real")
 PEERS = ("auto", "torch", "none")
 
@@ -121,7 +122,7 @@ def run_benchmark(
         ``achieved_gflops``, ``peak_gflops``, ``fraction_of_peak`` and the run's settings.
 
     Example:
-        >>> config = config_lib.TrainConfig(data_dir="../shared/data/cifar10/train", dim=16,
+        >>> config = config_lib.TrainConfig(data_dir="tests/fixtures/cifar10", dim=16,
         ...     depth=1, batch_size=8, limit_per_class=2, val_split=None, verbose=0)
         >>> record = run_benchmark(config, steps=2, warmup_steps=1)  # doctest: +SKIP
         >>> sorted(record)[:2]  # doctest: +SKIP

@@ -19,7 +19,7 @@ quantization, benchmarks. The training pipeline (:mod:`training.augment`) starts
 
 Example:
     >>> from training.data import load_dataset
-    >>> ds, class_names = load_dataset(data_dir="../shared/data/cifar10/train",
+    >>> ds, class_names = load_dataset(data_dir="tests/fixtures/cifar10",
     ...                                split="validation", image_size=32, batch_size=64)
     >>> images, labels = next(iter(ds))   # float32 (64, 32, 32, 3) in 0..255, int32 (64,)
 """
@@ -116,7 +116,7 @@ def check_image_file(path: str) -> str | None:
     A file that passes can still fail to decode; :func:`decoded_dataset` skips those too.
 
     Example:
-        >>> check_image_file("../shared/data/cifar10/train/cat/0000.jpg") is None
+        >>> check_image_file("tests/fixtures/cifar10/cat/0000.jpg") is None
         True
     """
     try:
@@ -162,7 +162,7 @@ def scan_image_folder(
         ValueError: the folder is missing, has no class folders, or a split has no image.
 
     Example:
-        >>> folder = scan_image_folder("../shared/data/cifar10/train", split="validation",
+        >>> folder = scan_image_folder("tests/fixtures/cifar10", split="validation",
         ...                            limit_per_class=4)
         >>> len(folder.paths), folder.class_names[0]
         (40, 'airplane')
@@ -278,7 +278,7 @@ def resolve_layout(
     flat folder of images with a label file (the official ImageNet validation set).
 
     Example:
-        >>> resolve_layout("../shared/data/cifar10/train").val_dir is None
+        >>> resolve_layout("tests/fixtures/cifar10").val_dir is None
         True
     """
     if not os.path.isdir(data_dir):
@@ -404,7 +404,7 @@ def image_folder_split(
     (:func:`scan_image_folder`).
 
     Example:
-        >>> image_folder_split("../shared/data/cifar10/train", "validation",
+        >>> image_folder_split("tests/fixtures/cifar10", "validation",
         ...                    limit_per_class=2).class_names[:2]
         ('airplane', 'automobile')
     """
@@ -519,7 +519,7 @@ def decoded_dataset(
         A :class:`Decoded` ``(dataset, class_names, num_examples, skipped)``.
 
     Example:
-        >>> decoded = decoded_dataset(data_dir="../shared/data/cifar10/train",
+        >>> decoded = decoded_dataset(data_dir="tests/fixtures/cifar10",
         ...                           split="validation", limit_per_class=2)
         >>> decoded.num_examples
         20
@@ -801,7 +801,7 @@ def load_dataset(
         ValueError: bad arguments, a missing or empty folder, an unknown TFDS name or split.
 
     Example:
-        >>> ds, names = load_dataset(data_dir="../shared/data/cifar10/train", split="validation",
+        >>> ds, names = load_dataset(data_dir="tests/fixtures/cifar10", split="validation",
         ...                          image_size=32, batch_size=8, limit_per_class=2)
         >>> [tuple(x.shape) for x in next(iter(ds))]
         [(8, 32, 32, 3), (8,)]

@@ -6,7 +6,7 @@ batch size of the config is the GLOBAL batch: ``model.fit`` splits each batch ac
 
 One host, one device (the default strategy)::
 
-    python -m training.train --data ../shared/data/cifar10/train --batch-size 128
+    python -m training.train --data DATA/cifar10/train --batch-size 128
 
 Several GPUs of one host (or a CPU split into logical devices with ``--cpu-replicas``)::
 

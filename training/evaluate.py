@@ -3,7 +3,7 @@
 Command line (prints ONE JSON line on stdout; logs go to stderr)::
 
     python -m training.evaluate --model runs/c10_folder/best.keras \\
-        --data-dir ../shared/data/cifar10/train --split validation
+        --data-dir DATA/cifar10/train --split validation
     python -m training.evaluate --model runs/cifar10_convmixer_256_8/model.keras --dataset cifar10
 
 Python::
@@ -41,7 +41,7 @@ def evaluate(model, dataset: tf.data.Dataset, class_names: Sequence[str]) -> dic
 
     Example:
         >>> from training.data import load_dataset
-        >>> ds, names = load_dataset(data_dir="../shared/data/cifar10/train",
+        >>> ds, names = load_dataset(data_dir="tests/fixtures/cifar10",
         ...                          split="validation", image_size=32, batch_size=100)
         >>> evaluate(model, ds, names)["n"]  # doctest: +SKIP
         5000

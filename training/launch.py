@@ -9,7 +9,7 @@ of them.
 Example::
 
     python -m training.launch --workers 2 -- \\
-        --strategy multi_worker --data ../shared/data/cifar10/train --batch-size 64
+        --strategy multi_worker --data DATA/cifar10/train --batch-size 64
 
 On several hosts, start the same training command on each with its own ``TF_CONFIG`` instead
 (docs/scaling.md shows one).

@@ -9,7 +9,7 @@ one-hot float32 labels.
 Example:
     >>> from training.config import TrainConfig
     >>> from training.pipeline import make_train_dataset
-    >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", batch_size=8,
+    >>> config = TrainConfig(data_dir="tests/fixtures/cifar10", batch_size=8,
     ...                      limit_per_class=4)
     >>> train_data = make_train_dataset(config)
     >>> images, labels = next(iter(train_data.dataset))

@@ -26,7 +26,7 @@ Outputs in ``config.output_dir`` (written by the chief only): ``model.keras`` (f
 Example:
     >>> from training.config import TrainConfig
     >>> from training.trainer import train
-    >>> config = TrainConfig(data_dir="../shared/data/cifar10/train", limit_per_class=20,
+    >>> config = TrainConfig(data_dir="tests/fixtures/cifar10", limit_per_class=20,
     ...                      dim=32, depth=2, epochs=2, batch_size=50, output_dir="runs/try")
     >>> metrics = train(config)  # doctest: +SKIP
     >>> sorted(metrics)  # doctest: +SKIP
@@ -216,7 +216,7 @@ def build_training(
     determinism.
 
     Example:
-        >>> t = build_training(TrainConfig(data_dir="../shared/data/cifar10/train",
+        >>> t = build_training(TrainConfig(data_dir="tests/fixtures/cifar10",
         ...                                limit_per_class=8, dim=16, depth=1, batch_size=16))
         >>> t.model.fit(t.train_ds, steps_per_epoch=2, epochs=1)  # doctest: +SKIP
     """
