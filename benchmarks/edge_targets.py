@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", nargs="+", default=[], choices=list(convmixer_tf.PRESETS),
                         help="presets with random weights")  # fmt: skip
     parser.add_argument("--presets", nargs="+", dest="preset", action=cli.DeprecatedAlias,
+                        choices=list(convmixer_tf.PRESETS),
                         new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=VELA_TARGETS)
     parser.add_argument("--calibration-images", type=cli.positive_int, default=32)
