@@ -8,8 +8,8 @@ PyTorch in both precisions through ``benchmarks/peer_training.py``) and the same
 ``--mixed-precision``, each in a process of its own (a Keras dtype policy is per process); the
 table gives each one's median img/s over the rounds and every ratio is computed from those
 medians. The same model, batch and step (the recipe's AdamW, label smoothing, clipping) on one
-synthetic batch; no other process should run meanwhile. Prints the table (markdown) and writes
-the records as JSON (``--json``).
+synthetic batch; no other process should run meanwhile. Prints the table (markdown) on stderr,
+the medians as one JSON line on stdout, and writes the records as JSON to ``--output``.
 """
 
 from __future__ import annotations
