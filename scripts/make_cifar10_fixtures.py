@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog="scripts/make_cifar10_fixtures.py", description=__doc__)
     parser.add_argument("--data-dir", required=True, type=cli.input_dir,
                         help="CIFAR-10 class folders DIR/<class>/<image>.jpg")  # fmt: skip
-    parser.add_argument("--per-class", type=cli.positive_int, default=20)
+    parser.add_argument("--per-class", type=cli.positive_int, default=40)
     cli.add_debug_argument(parser)
     return parser
 

@@ -9,13 +9,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# 20 real CIFAR-10 training JPEGs per class, committed (scripts/make_cifar10_fixtures.py).
+# 40 real CIFAR-10 training JPEGs per class, committed (scripts/make_cifar10_fixtures.py).
 CIFAR10_TRAIN = REPO_ROOT / "tests" / "fixtures" / "cifar10"
 
 
 @pytest.fixture
 def cifar10_train_dir() -> pathlib.Path:
-    """CIFAR-10 class folders, 20 JPEGs each: the last 2 are the validation split (10%)."""
+    """CIFAR-10 class folders, 40 JPEGs each: the last 4 are the validation split (10%)."""
     return CIFAR10_TRAIN
 
 
