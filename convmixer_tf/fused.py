@@ -344,8 +344,9 @@ def depthwise_conv(keras, kernel_size: int, name: str, **kwargs):
 
 
 def stock_class(layer):
-    """The stock Keras class a fused layer extends (``Activation``, ``BatchNormalization``),
-    or None for any other layer. Same config and weights: ``stock_class(layer).from_config(
+    """The stock Keras class a fused layer extends (``Activation`` for ``GELU``,
+    ``BatchNormalization`` for ``FusedBatchNormalization``, ``DepthwiseConv2D`` for
+    ``FusedDepthwiseConv2D``), or None for any other layer. Same config and weights: ``stock_class(layer).from_config(
     layer.get_config())`` is the layer users receive in saved files."""
     for fused_class in (gelu_layer_class, batch_norm_layer_class, depthwise_conv_layer_class):
         if type(layer) is fused_class(_keras3):

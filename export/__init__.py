@@ -3,10 +3,13 @@
 :func:`export_model` (:mod:`export.pipeline`) is the one export function, behind
 ``python -m export`` and ``python -m export.benchmark``.
 
-Modules: :mod:`export.pipeline`, :mod:`export.tflite` (converter, integer checks, Edge TPU check),
-:mod:`export.quantize` (tfmot QuantizeConfigs and the policy table, QAT),
+Modules: :mod:`export.pipeline` (the export in stages), :mod:`export.options` (its options, once),
+:mod:`export.constants` (formats and choices), :mod:`export.tflite` (converter, integer checks,
+Edge TPU check), :mod:`export.quantize` (tfmot QuantizeConfigs and the policy table, QAT),
 :mod:`export.rewrite` (exact graph rewrites: folded preprocessing, tiled depthwise convs),
-:mod:`export.evaluate` (accuracy with ai-edge-litert), :mod:`export.benchmark`.
+:mod:`export.edge` (Vela for Ethos-U, TFLite Micro), :mod:`export.saved_model` (serving),
+:mod:`export.evaluate` (accuracy with ai-edge-litert), :mod:`export.benchmark`
+(``python -m export`` is :mod:`export.__main__`).
 
 Example:
     >>> import convmixer_tf

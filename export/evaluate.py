@@ -3,9 +3,12 @@
 Usage::
 
     python -m export.evaluate --tflite out/model_int8.tflite \\
-        --data-dir DATA/cifar10/train --split validation --keras model.keras
+        --data-dir DATA/cifar10/train --split validation --keras model.keras [--tta flip]
 
-prints one JSON line: ``{"top1": ..., "n": ..., "keras_top1": ..., "agreement": ...}``.
+prints one JSON line: ``{"top1": ..., "n": ..., "keras_top1": ..., "agreement": ...}``. With
+``--tta`` the logits of both models are averaged over the views of :mod:`training.tta`, and the
+result names them: ``"views"`` is the number of interpreter invocations per image, what the
+same averaging costs on a device.
 
 The runtime is ``ai_edge_litert.interpreter.Interpreter`` (``tf.lite.Interpreter`` is
 deprecated); raw pixels 0..255 go in, quantized by the input tensor's own (scale, zero point).
@@ -23,6 +26,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import convmixer_tf
 from convmixer_tf import cli
+from training.tta import TTA_MODES, average_logits, views
 
 
 class TFLiteClassifier:
@@ -114,25 +118,33 @@ def evaluate(
     *,
     keras_model=None,
     num_threads: int = 1,
+    tta: str = "none",
 ) -> dict:
     """Top-1 of a .tflite model on ``(images, labels)`` batches, and agreement with Keras.
 
     Returns ``{"top1", "n"}`` plus, with ``keras_model`` (Keras 3 or tf_keras, e.g. a QAT
     model), ``{"keras_top1", "agreement"}``: the share of images on which both predict the same
-    class. Accuracies are in percent.
+    class. Accuracies are in percent. ``tta`` (:data:`training.tta.TTA_MODES`) averages the
+    logits of both models over the test-time views; the result then adds ``{"tta", "views"}``.
 
     Example:
         >>> # evaluate("m.tflite", dataset, keras_model=keras.saving.load_model("m.keras"))
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"Unknown test-time augmentation {tta!r}: choose from {TTA_MODES}.")
     classifier = TFLiteClassifier(tflite_model, num_threads=num_threads)
+
+    def keras_logits(view):
+        return np.asarray(keras_model(view, training=False))
+
     correct = agree = keras_correct = n = 0
     for images, labels in batches:
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels).reshape(-1)
-        predicted = classifier.predict(images).argmax(-1)
+        predicted = average_logits(classifier.predict, images, tta).argmax(-1)
         correct += int((predicted == labels).sum())
         if keras_model is not None:
-            keras_predicted = np.asarray(keras_model(images, training=False)).argmax(-1)
+            keras_predicted = average_logits(keras_logits, images, tta).argmax(-1)
             keras_correct += int((keras_predicted == labels).sum())
             agree += int((keras_predicted == predicted).sum())
         n += len(labels)
@@ -142,6 +154,8 @@ def evaluate(
     if keras_model is not None:
         result["keras_top1"] = 100.0 * keras_correct / n
         result["agreement"] = 100.0 * agree / n
+    if tta != "none":
+        result.update(tta=tta, views=len(views(np.zeros((1, 2, 2, 1)), tta)))
     return result
 
 
@@ -156,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the .keras model to compare with")  # fmt: skip
     parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="LiteRT interpreter threads")  # fmt: skip
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="test-time augmentation, as python -m training.evaluate --tta: "
+                             "one interpreter invocation per view")  # fmt: skip
     add_evaluation_data_arguments(parser)
     cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
@@ -173,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     dataset, _ = load_dataset(image_size=(height, width), **data)
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
-        num_threads=args.threads,
+        num_threads=args.threads, tta=args.tta,
     )  # fmt: skip
     cli.emit({"split": data["split"], **result})
     return 0

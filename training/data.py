@@ -14,8 +14,8 @@ Two sources give the same elements, ``(uint8 image (H, W, 3), int32 label)``:
   ``"validation"``.
 
 :func:`load_dataset` resizes and batches (no augmentation): evaluation, calibration data for
-quantization, benchmarks. The training pipeline (:mod:`training.augment`) starts from
-:func:`decoded_dataset`, the same decoding code.
+quantization, benchmarks. The training pipeline (:mod:`training.pipeline`, with the augmentations of
+:mod:`training.augment`) starts from :func:`decoded_dataset`, the same decoding code.
 
 Example:
     >>> from training.data import load_dataset
