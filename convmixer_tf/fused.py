@@ -11,8 +11,11 @@ convolution's. Float32 and bfloat16 (``mixed_bfloat16``) alike; docs/performance
 measurements.
 
 :func:`activation_layer`, :func:`batch_norm` and :func:`depthwise_conv` choose the layer the
-builder (:mod:`convmixer_tf.model`) puts in a model: the fused subclasses for Keras 3, the stock
-classes for tf_keras (tensorflow-model-optimization keys its quantization policy on those). The
+builder (:mod:`convmixer_tf.model`) puts in a model: the fused subclasses for Keras 3 models that
+train on CPUs (:func:`use_fused`), the stock classes for tf_keras (tensorflow-model-optimization
+keys its quantization policy on those) and wherever a GPU or TPU trains the model: the fused
+passes were measured on CPUs only, and the grouped-convolution filter gradient does 8x the
+multiply-adds of the depthwise one, a trade that only pays where the depthwise kernel is slow. The
 fused classes keep the stock classes' configs and weights and are registered as
 ``convmixer_tf>GELU``, ``convmixer_tf>FusedBatchNormalization`` and
 ``convmixer_tf>FusedDepthwiseConv2D``, so that files saved with them load through
@@ -27,20 +30,54 @@ import importlib
 
 import tensorflow as tf
 
+ACCELERATORS = ("GPU", "TPU")
+
+
+def device_type(devices) -> str:
+    """``"TPU"``, ``"GPU"`` or ``"CPU"``: the accelerator among ``devices`` (device names such as
+    ``"/job:worker/replica:0/task:0/device:GPU:0"``), else ``"CPU"``.
+
+    Example:
+        >>> device_type(["/job:localhost/replica:0/task:0/device:CPU:0"])
+        'CPU'
+        >>> device_type(["/device:CPU:0", "/job:worker/task:1/device:TPU:3"])
+        'TPU'
+    """
+    kinds = {tf.DeviceSpec.from_string(name).device_type for name in devices}
+    return next((kind for kind in ACCELERATORS[::-1] if kind in kinds), "CPU")
+
+
+def training_device_type() -> str:
+    """The kind of device a model built now trains on: the devices of the current
+    tf.distribute strategy (``MirroredStrategy``, ``TPUStrategy``, ...), or outside one,
+    where TensorFlow places ops (the first GPU when one is visible)."""
+    strategy = tf.distribute.get_strategy()
+    if tf.distribute.has_strategy():
+        return device_type(strategy.extended.worker_devices)
+    return device_type(device.name for device in tf.config.list_logical_devices())
+
+
+def use_fused(keras) -> bool:
+    """Whether the builder puts the fused layers into a model of ``keras``: Keras 3 models that
+    train on CPUs (:func:`training_device_type`). GPUs and TPUs get the stock layers until a
+    measurement on such a device says otherwise (docs/performance.md)."""
+    return keras.__name__ == "keras" and training_device_type() == "CPU"
+
 
 def batch_norm(keras, name: str, epsilon: float, momentum: float, synchronized: bool = False):
     """A BatchNorm layer of ``keras`` with the given epsilon and momentum.
 
-    Keras 3 models get :func:`batch_norm_layer_class`'s subclass (fused training pass), unless
-    ``synchronized``; tf_keras models keep ``BatchNormalization`` (already a fused kernel there,
-    and tensorflow-model-optimization keys its quantization policy on that class).
+    Keras 3 models on CPUs (:func:`use_fused`) get :func:`batch_norm_layer_class`'s subclass
+    (fused training pass), unless ``synchronized``; tf_keras models keep
+    ``BatchNormalization`` (already a fused kernel there, and tensorflow-model-optimization keys
+    its quantization policy on that class), and so do models trained on a GPU or TPU.
     """
     if synchronized:
         return keras.layers.BatchNormalization(
             epsilon=epsilon, momentum=momentum, name=name, synchronized=True
         )
     layer_class = keras.layers.BatchNormalization
-    if keras.__name__ == "keras":
+    if use_fused(keras):
         layer_class = batch_norm_layer_class(keras)
     return layer_class(epsilon=epsilon, momentum=momentum, name=name)
 
@@ -334,11 +371,11 @@ def depthwise_conv_layer_class(keras):
 
 def depthwise_conv(keras, kernel_size: int, name: str, **kwargs):
     """The blocks' depthwise convolution ("same" padding): :func:`depthwise_conv_layer_class`'s
-    subclass for Keras 3, ``DepthwiseConv2D`` for tf_keras (tensorflow-model-optimization keys
-    its quantization policy on that class). Both compute the same function. ``kwargs`` go to
-    the layer (initializers)."""
+    subclass for Keras 3 on CPUs (:func:`use_fused`), ``DepthwiseConv2D`` otherwise
+    (tensorflow-model-optimization keys its quantization policy on that class). Both compute
+    the same function. ``kwargs`` go to the layer (initializers)."""
     layer_class = keras.layers.DepthwiseConv2D
-    if keras.__name__ == "keras":
+    if use_fused(keras):
         layer_class = depthwise_conv_layer_class(keras)
     return layer_class(kernel_size, padding="same", name=name, **kwargs)
 
@@ -346,8 +383,9 @@ def depthwise_conv(keras, kernel_size: int, name: str, **kwargs):
 def stock_class(layer):
     """The stock Keras class a fused layer extends (``Activation`` for ``GELU``,
     ``BatchNormalization`` for ``FusedBatchNormalization``, ``DepthwiseConv2D`` for
-    ``FusedDepthwiseConv2D``), or None for any other layer. Same config and weights: ``stock_class(layer).from_config(
-    layer.get_config())`` is the layer users receive in saved files."""
+    ``FusedDepthwiseConv2D``), or None for any other layer. Same config and weights:
+    ``stock_class(layer).from_config(layer.get_config())`` is the layer users receive in saved
+    files."""
     for fused_class in (gelu_layer_class, batch_norm_layer_class, depthwise_conv_layer_class):
         if type(layer) is fused_class(_keras3):
             return fused_class(_keras3).__bases__[0]
@@ -355,13 +393,13 @@ def stock_class(layer):
 
 
 def activation_layer(keras, activation: str, name: str):
-    """The activation layer of the blocks: the fused-gradient ``GELU`` for Keras 3 GELU models,
-    ``keras.layers.Activation(activation)`` otherwise.
+    """The activation layer of the blocks: the fused-gradient ``GELU`` for Keras 3 GELU models
+    on CPUs (:func:`use_fused`), ``keras.layers.Activation(activation)`` otherwise.
 
     tf_keras models keep ``Activation("gelu")``: tensorflow-model-optimization's quantization
     (``export.quantize``) keys its policy on that layer class. Both compute the same function.
     """
-    if activation == "gelu" and keras.__name__ == "keras":
+    if activation == "gelu" and use_fused(keras):
         return gelu_layer_class(keras)(name=name)
     return keras.layers.Activation(activation, name=name)
 

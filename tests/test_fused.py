@@ -130,6 +130,41 @@ def test_models_use_fused_layers_for_keras3_only(tiny_kwargs):
     np.testing.assert_allclose(k3(x, training=True), k2(x, training=True), atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("devices", "kind"),
+    [
+        (["/job:localhost/replica:0/task:0/device:CPU:0"], "CPU"),
+        (["/device:CPU:0", "/job:localhost/replica:0/task:0/device:GPU:0"], "GPU"),
+        (["/device:CPU:0", "/job:worker/replica:0/task:0/device:TPU:0"], "TPU"),
+    ],
+)
+def test_fused_layers_only_where_the_model_trains_on_cpus(tiny_kwargs, monkeypatch, devices, kind):
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda: [Device(d) for d in devices])
+    assert fused.training_device_type() == kind
+    model = convmixer_tf.ConvMixer(**tiny_kwargs)
+    expected = {
+        "blocks_1_pwconv_act": ("GELU", "Activation"),
+        "stem_bn": ("FusedBatchNormalization", "BatchNormalization"),
+        "blocks_0_dwconv": ("FusedDepthwiseConv2D", "DepthwiseConv2D"),
+    }
+    for name, (fused_class, stock_class) in expected.items():
+        assert type(model.get_layer(name)).__name__ == (
+            fused_class if kind == "CPU" else stock_class
+        )
+
+
+def test_strategy_devices_decide_the_layers(tiny_kwargs):
+    # Inside a strategy its devices count, not what is visible: two logical CPUs stay CPUs.
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert fused.training_device_type() == "CPU"
+        model = convmixer_tf.ConvMixer(**tiny_kwargs)
+    assert type(model.get_layer("stem_bn")).__name__ == "FusedBatchNormalization"
+
+
 def test_fused_model_saves_and_loads_with_safe_mode(tiny_kwargs, tmp_path):
     model = convmixer_tf.ConvMixer(**tiny_kwargs)
     path = tmp_path / "gelu.keras"

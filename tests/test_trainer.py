@@ -16,7 +16,7 @@ import tf_keras
 
 from training import callbacks as callbacks_lib
 from training import trainer
-from training.config import TrainConfig
+from training.config import TrainConfig, check
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +49,19 @@ def test_one_cycle_schedule_is_the_papers_triangle(module):
     again = type(schedule).from_config(schedule.get_config())
     assert float(again(30)) == pytest.approx(float(schedule(30)))
     assert module.saving.get_registered_object("convmixer_training>OneCycle") is type(schedule)
+    early = type(schedule)(lr_max=0.05, total_steps=100, peak_at=0.25)
+    expected = np.interp(steps, [0, 25, 80, 100], [0, 0.05, 0.0025, 0])
+    np.testing.assert_allclose([float(early(s)) for s in steps], expected, atol=1e-7)
+    assert type(early).from_config(early.get_config()).peak_at == 0.25
+
+
+def test_optimizer_takes_the_peak_position_of_the_config():
+    config = TrainConfig(lr_max=0.05, lr_peak_at=0.2, clip_norm=None)
+    optimizer = trainer.make_optimizer(config, 100, keras)
+    assert float(optimizer.learning_rate) == 0.0  # step 0
+    assert float(optimizer._learning_rate(20)) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr_peak_at"):
+        check(TrainConfig(lr_peak_at=0.9))
 
 
 def test_optimizer_decays_kernels_but_not_batchnorm_or_biases():

@@ -36,14 +36,15 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a final model."""
 
 
-def triangular_one_cycle(step, total_steps: int, lr_max: float):
+def triangular_one_cycle(step, total_steps: int, lr_max: float, peak_at: float = 0.4):
     """The paper's schedule: ``interp(t, [0, 2T/5, 4T/5, T], [0, lr_max, lr_max / 20, 0])``.
 
-    ``step`` is the optimizer step (a tensor or a number); returns a float32 tensor.
+    ``peak_at`` moves the peak from 2/5 of the ``total_steps`` ``T`` to ``peak_at * T`` (in
+    (0, 0.8)). ``step`` is the optimizer step (a tensor or a number); returns a float32 tensor.
     """
     t = tf.cast(step, tf.float32)
     total = float(total_steps)
-    knots = [0.0, 2.0 * total / 5.0, 4.0 * total / 5.0, total]
+    knots = [0.0, peak_at * total, 4.0 * total / 5.0, total]
     values = [0.0, lr_max, lr_max / 20.0, 0.0]
     lr = tf.constant(0.0)
     for (t0, t1), (v0, v1) in zip(
@@ -65,18 +66,21 @@ def one_cycle_class(keras):
     class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         """Triangular one-cycle learning rate, stepped per batch (see triangular_one_cycle)."""
 
-        def __init__(self, lr_max: float, total_steps: int):
+        def __init__(self, lr_max: float, total_steps: int, peak_at: float = 0.4):
             super().__init__()
             if total_steps < 1:
                 raise ValueError(f"`total_steps` must be positive. Received: {total_steps}")
+            if not 0.0 < peak_at < 0.8:
+                raise ValueError(f"`peak_at` must be in (0, 0.8). Received: {peak_at}")
             self.lr_max = float(lr_max)
             self.total_steps = int(total_steps)
+            self.peak_at = float(peak_at)
 
         def __call__(self, step):
-            return triangular_one_cycle(step, self.total_steps, self.lr_max)
+            return triangular_one_cycle(step, self.total_steps, self.lr_max, self.peak_at)
 
         def get_config(self):
-            return {"lr_max": self.lr_max, "total_steps": self.total_steps}
+            return {"lr_max": self.lr_max, "total_steps": self.total_steps, "peak_at": self.peak_at}
 
     return OneCycle
 

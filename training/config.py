@@ -76,6 +76,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     lr_max: float = 0.01
     lr_schedule: str = "onecycle"
+    lr_peak_at: float = 0.4  # onecycle: the fraction of the steps at which lr_max is reached
     lr_scaling: str = "none"  # scale lr_max to batch_size from base_batch_size
     base_batch_size: int | None = None
     weight_decay: float = 0.01
@@ -184,6 +185,11 @@ def check(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(config, name)}")
+    if not 0.0 < config.lr_peak_at < 0.8:
+        raise ValueError(
+            f"`lr_peak_at` must be in (0, 0.8): the one-cycle schedule reaches lr_max at that "
+            f"fraction of the steps and lr_max / 20 at 0.8. Received: {config.lr_peak_at}"
+        )
     if not config.lr_max > 0:
         raise ValueError(f"`lr_max` must be positive. Received: lr_max={config.lr_max}")
     if not 0.0 <= config.weight_decay < 1.0:

@@ -153,7 +153,9 @@ def make_optimizer(config: TrainConfig, total_steps: int, keras):
         >>> optimizer = make_optimizer(TrainConfig(), total_steps=100, keras=keras)
     """
     if config.lr_schedule == "onecycle":
-        learning_rate = one_cycle_class(keras)(lr_max=config.lr_max, total_steps=total_steps)
+        learning_rate = one_cycle_class(keras)(
+            lr_max=config.lr_max, total_steps=total_steps, peak_at=config.lr_peak_at
+        )
     else:
         learning_rate = config.lr_max
     optimizer = keras.optimizers.AdamW(
