@@ -26,7 +26,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import convmixer_tf
 from convmixer_tf import cli
-from training.tta import TTA_MODES, average_logits, views
+from training.tta import TTA_MODES, average_logits, view_count
 
 
 class TFLiteClassifier:
@@ -130,8 +130,7 @@ def evaluate(
     Example:
         >>> # evaluate("m.tflite", dataset, keras_model=keras.saving.load_model("m.keras"))
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"Unknown test-time augmentation {tta!r}: choose from {TTA_MODES}.")
+    views = view_count(tta)  # checks the mode before any work
     classifier = TFLiteClassifier(tflite_model, num_threads=num_threads)
 
     def keras_logits(view):
@@ -155,7 +154,7 @@ def evaluate(
         result["keras_top1"] = 100.0 * keras_correct / n
         result["agreement"] = 100.0 * agree / n
     if tta != "none":
-        result.update(tta=tta, views=len(views(np.zeros((1, 2, 2, 1)), tta)))
+        result.update(tta=tta, views=views)
     return result
 
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 import convmixer_tf
 from convmixer_tf import cli
 from training.data import add_evaluation_data_arguments, evaluation_data_kwargs, load_dataset
-from training.tta import TTA_MODES, average_logits, views
+from training.tta import TTA_MODES, average_logits, view_count
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def evaluate(
         >>> evaluate(model, ds, names)["n"]  # doctest: +SKIP
         5000
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"Unknown test-time augmentation {tta!r}: choose from {TTA_MODES}.")
+    views = view_count(tta)  # checks the mode before any work
     num_classes = len(class_names)
     outputs = model.output_shape[-1]
     if outputs != num_classes:
@@ -98,7 +97,7 @@ def evaluate(
         "per_class": per_class,
     }
     if tta != "none":
-        result.update(tta=tta, views=len(views(np.zeros((1, 2, 2, 1)), tta)))
+        result.update(tta=tta, views=views)
     return result
 
 

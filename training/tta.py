@@ -23,6 +23,18 @@ from collections.abc import Callable
 import numpy as np
 
 TTA_MODES = ("none", "flip", "flip-translate")
+_VIEW_COUNTS = {"none": 1, "flip": 2, "flip-translate": 6}
+
+
+def view_count(mode: str) -> int:
+    """How many views (model runs per image) ``mode`` averages.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"Unknown test-time augmentation {mode!r}: choose from {TTA_MODES}.")
+    return _VIEW_COUNTS[mode]
 
 
 def _shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -39,8 +51,7 @@ def views(images: np.ndarray, mode: str) -> list[tuple[float, np.ndarray]]:
         ValueError: an unknown ``mode``, or images too small to shift (``flip-translate`` needs
             at least 2x2 pixels).
     """
-    if mode not in TTA_MODES:
-        raise ValueError(f"Unknown test-time augmentation {mode!r}: choose from {TTA_MODES}.")
+    view_count(mode)
     images = np.asarray(images)
     if mode == "none":
         return [(1.0, images)]
