@@ -166,3 +166,22 @@ def test_rand_augment_draws_ops_per_image_from_the_seed():
     unchanged = sum(np.array_equal(out, image.numpy()) for out in outs)
     assert unchanged < 6  # Identity twice: 1/196 per image
     assert all(out.min() >= 0 and out.max() <= 255 for out in outs)
+
+
+def test_random_translate_is_a_reflected_shift_within_the_pixels():
+    image = tf.reshape(tf.range(6 * 7 * 3, dtype=tf.float32), (6, 7, 3))
+    padded = np.pad(image.numpy(), [(2, 2), (2, 2), (0, 0)], mode="reflect")
+    windows = {
+        (dy, dx): padded[dy : dy + 6, dx : dx + 7].tobytes() for dy in range(5) for dx in range(5)
+    }
+    seen = set()
+    for i in range(200):
+        out = augment.random_translate(image, 2, seed=tf.constant([1, i], tf.int64)).numpy()
+        again = augment.random_translate(image, 2, seed=tf.constant([1, i], tf.int64)).numpy()
+        np.testing.assert_array_equal(out, again)  # a function of the seed
+        assert out.shape == (6, 7, 3)
+        matches = [offset for offset, window in windows.items() if window == out.tobytes()]
+        assert len(matches) == 1, i
+        seen.add(matches[0])
+    assert len(seen) == 25  # every shift of -2..2 in both directions, the identity among them
+    np.testing.assert_array_equal(augment.random_translate(image, 0), image)

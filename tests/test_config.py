@@ -128,6 +128,8 @@ def test_overrides_parse_strings_to_field_types():
         ({"randaugment_ops": -1}, "`randaugment_ops` and `randaugment_magnitude` must be >= 0"),
         ({"randaugment_magnitude": 31}, "at most `randaugment_magnitude_max`"),
         ({"randaugment_magnitude_max": 0}, "at most `randaugment_magnitude_max`"),
+        ({"translate": -1}, "`translate` must be >= 0"),
+        ({"translate": 32}, "`translate` must be below `image_size`"),
     ],
 )
 def test_bad_overrides_raise_value_errors(overrides, message):

@@ -97,3 +97,26 @@ def test_rand_augment_is_applied_per_image_in_the_pipeline(cifar10_train_dir):
     changed = np.any(np.abs(augmented.numpy() - np.round(source.numpy())) > 0, axis=(1, 2, 3))
     # Few draws leave an image as it was (Identity twice: 1/196; AutoContrast on a full range)
     assert changed.sum() >= 28, changed
+
+
+def test_translate_shifts_each_image_in_the_pipeline(cifar10_train_dir):
+    """``translate``: every image is its source shifted by at most that many pixels (borders
+    reflected), drawn per image from the seed."""
+    plain = dict(
+        data_dir=str(cifar10_train_dir), limit_per_class=4, batch_size=40, image_size=32,
+        val_split=None, hflip=False, scale=(1.0, 1.0), randaugment_ops=0, seed=3,
+    )  # fmt: skip
+    source, _ = next(iter(pipeline.make_train_dataset(TrainConfig(**plain)).dataset))
+    shifted, _ = next(iter(pipeline.make_train_dataset(TrainConfig(**plain, translate=2)).dataset))
+    offsets = []
+    for original, image in zip(source.numpy(), shifted.numpy(), strict=True):
+        padded = np.pad(original, [(2, 2), (2, 2), (0, 0)], mode="reflect")
+        found = [
+            (dy - 2, dx - 2)
+            for dy in range(5)
+            for dx in range(5)
+            if np.array_equal(padded[dy : dy + 32, dx : dx + 32], image)
+        ]
+        assert found, "an image is no reflected shift of its source"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 5 and sum(o != (0, 0) for o in offsets) >= 30

@@ -80,7 +80,7 @@ def test_compile_model_loss_metrics_and_label_smoothing():
     config = TrainConfig(dim=16, depth=1, label_smoothing=0.1, ema=True)
     model = trainer.compile_model(trainer.build_model(config, 10), config, steps_per_epoch=5)
     assert model.loss.label_smoothing == 0.1 and model.loss.from_logits
-    assert model.optimizer.use_ema
+    assert not model.optimizer.use_ema  # --ema: training.ema.WeightAverage, a callback
     assert float(model.optimizer.learning_rate) == 0.0  # one-cycle starts at 0
 
 

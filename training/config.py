@@ -89,6 +89,7 @@ class TrainConfig:
     scale: tuple[float, float] = (0.75, 1.0)
     ratio: tuple[float, float] = (1.0, 1.0)
     hflip: bool = True
+    translate: int = 0  # pixels: random shifts up to this far, reflect-filled, after the crop
     randaugment_ops: int = 2
     randaugment_magnitude: float = 12.0
     randaugment_magnitude_max: float = 30.0
@@ -165,7 +166,7 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ValueError(f"`{name}` must be positive or None. Received: {name}={value}")
-    for name in ("seed", "cpu_replicas", "verbose", "mixup_alpha", "cutmix_alpha"):
+    for name in ("seed", "cpu_replicas", "verbose", "mixup_alpha", "cutmix_alpha", "translate"):
         if getattr(config, name) < 0:
             raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(config, name)}")
     if not 0.0 <= config.ema_momentum < 1.0:
@@ -229,6 +230,11 @@ def check(config: TrainConfig) -> None:
             "`randaugment_magnitude` must be at most `randaugment_magnitude_max` (the top bin, "
             "positive: 30 for torchvision's, 10 for timm's). Received: "
             f"{config.randaugment_magnitude} of {config.randaugment_magnitude_max}"
+        )
+    if config.translate >= config.image_size:
+        raise ValueError(
+            f"`translate` must be below `image_size` ({config.image_size}): reflection fills at "
+            f"most image_size - 1 pixels. Received: translate={config.translate}"
         )
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1). Received: {config.label_smoothing}")

@@ -26,7 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from training import data
-from training.augment import BatchAugmenter, rand_augment_image, random_resized_crop
+from training.augment import (
+    BatchAugmenter,
+    rand_augment_image,
+    random_resized_crop,
+    random_translate,
+)
 from training.config import TrainConfig
 from training.data import AUTOTUNE, MAX_SHUFFLE_BUFFER
 
@@ -187,7 +192,8 @@ def make_train_dataset(
 
 def _crop_batch_augment(ds: tf.data.Dataset, config: TrainConfig, num_classes: int):
     """``(position, uint8 image, label)`` elements -> augmented training batches: example ``p``
-    cropped with the stateless seed ``(seed, p)`` and RandAugmented with ``(seed + 2, p)``,
+    cropped with the stateless seed ``(seed, p)``, translated with ``(seed + 3, p)`` and
+    RandAugmented with ``(seed + 2, p)``,
     batch ``g`` augmented with ``(seed + 1, g)``."""
     seed, batch = config.seed, config.batch_size
     size = (config.image_size, config.image_size)
@@ -197,6 +203,9 @@ def _crop_batch_augment(ds: tf.data.Dataset, config: TrainConfig, num_classes: i
         image = random_resized_crop(
             image, size, config.scale, config.ratio, config.interpolation, seed=crop_seed
         )
+        if config.translate > 0:
+            translate_seed = tf.stack([tf.constant(seed + 3, tf.int64), position])
+            image = random_translate(image, config.translate, seed=translate_seed)
         if config.randaugment_ops > 0 and config.randaugment_magnitude > 0:
             image = rand_augment_image(
                 image,

@@ -65,23 +65,27 @@ def _optimizer_variables(model) -> list:
     return list(variables() if callable(variables) else variables)
 
 
-def state_variables(model) -> dict[str, list]:
-    """The variables of the training state: ``model``, ``optimizer`` and ``metrics``."""
+def state_variables(model, extra: dict[str, list] | None = None) -> dict[str, list]:
+    """The variables of the training state: ``model``, ``optimizer`` and ``metrics``, and the
+    ``extra`` groups (the weight averages of ``--ema``: ``{"ema": [...]}``)."""
     return {
         "model": list(model.weights),
         "optimizer": _optimizer_variables(model),
         "metrics": _metric_variables(model),
+        **(extra or {}),
     }
 
 
-def collect_state(model, mid_epoch: bool) -> dict[str, np.ndarray]:
+def collect_state(
+    model, mid_epoch: bool, extra: dict[str, list] | None = None
+) -> dict[str, np.ndarray]:
     """The training state's values. Every worker of a multi-worker run must call it (reading a
     metric aggregated over workers is a collective operation); the chief writes them.
 
     The metric accumulators are kept only for a backup inside an epoch (a new epoch starts
     them from zero).
     """
-    groups = state_variables(model)
+    groups = state_variables(model, extra)
     if not mid_epoch:
         groups["metrics"] = []
     return {
@@ -106,10 +110,10 @@ def save_state(
     with files.replacing(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    counts = {
-        group: sum(key.startswith(group + "/") for key in arrays)
-        for group in ("model", "optimizer", "metrics")
-    }
+    counts = {}
+    for key in arrays:
+        group = key.split("/", 1)[0]
+        counts[group] = counts.get(group, 0) + 1
     last = _readable_pointer(backup_dir)
     previous = None
     if last is not None:  # the state before this one (unless this one is written again)
@@ -187,11 +191,14 @@ def read_pointer(backup_dir: str) -> dict | None:
     return pointer
 
 
-def restore_state(model, backup: Backup | str, strategy=None) -> tuple[int, list[np.ndarray]]:
-    """Assigns the backup's model and optimizer variables to ``model`` (compiled, optimizer
-    built here if needed); returns ``(step, metric accumulators)``: those are added to the
-    metrics after the first resumed batch (:class:`ResumeMetrics`), once Keras built them.
-    ``backup``: :func:`load_backup`'s result, or the backup folder to read it from."""
+def restore_state(
+    model, backup: Backup | str, strategy=None, extra: dict[str, list] | None = None
+) -> tuple[int, list[np.ndarray]]:
+    """Assigns the backup's model and optimizer variables (and the ``extra`` groups) to
+    ``model`` (compiled, optimizer built here if needed); returns ``(step, metric
+    accumulators)``: those are added to the metrics after the first resumed batch
+    (:class:`ResumeMetrics`), once Keras built them. ``backup``: :func:`load_backup`'s result,
+    or the backup folder to read it from."""
     if isinstance(backup, str):
         backup = load_backup(backup)
     if backup is None:
@@ -205,8 +212,8 @@ def restore_state(model, backup: Backup | str, strategy=None) -> tuple[int, list
         else:
             optimizer.build(model.trainable_variables)
     path, stored = backup.path, backup.arrays
-    groups = state_variables(model)
-    for group in ("model", "optimizer"):
+    groups = state_variables(model, extra)
+    for group in ("model", "optimizer", *(extra or {})):
         variables = groups[group]
         values = [stored[k] for k in sorted(stored) if k.startswith(group + "/")]
         if len(values) != len(variables):
@@ -239,16 +246,19 @@ def callback_classes(keras):
             backup_freq: int,
             chief: bool,
             bound_time: bool = False,
+            extra: dict[str, list] | None = None,
         ):
             """``bound_time``: skip a due backup while the last one took more than
             :data:`MAX_BACKUP_TIME_SHARE` of the time since (the default frequency of a
-            single-worker run; workers of a multi-worker run must decide alike, by steps)."""
+            single-worker run; workers of a multi-worker run must decide alike, by steps).
+            ``extra``: more variable groups to store (:func:`state_variables`)."""
             super().__init__()
             self.backup_dir = backup_dir
             self.steps_per_epoch = steps_per_epoch
             self.backup_freq = backup_freq
             self.chief = chief
             self.bound_time = bound_time
+            self.extra = extra
             self._last_end = time.monotonic()
             self._last_duration = 0.0
 
@@ -257,7 +267,7 @@ def callback_classes(keras):
 
         def _save(self, step: int, mid_epoch: bool) -> None:
             start = time.monotonic()
-            arrays = collect_state(self.model, mid_epoch)
+            arrays = collect_state(self.model, mid_epoch, self.extra)
             if not all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("model/")):
                 # A diverged model (NaN or inf weights) is no state to resume from: the
                 # previous backups stay.

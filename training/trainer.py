@@ -49,7 +49,7 @@ import tensorflow as tf
 import convmixer_tf
 from convmixer_tf import files, saving
 from convmixer_tf.cli import finite_json
-from training import allocator, data, distribute, pipeline, resume, rundir
+from training import allocator, data, distribute, ema, pipeline, resume, rundir
 from training.callbacks import (
     TrainingDivergedError,
     callback_classes,
@@ -163,9 +163,7 @@ def make_optimizer(config: TrainConfig, total_steps: int, keras):
         weight_decay=config.weight_decay,
         epsilon=config.adam_epsilon,
         global_clipnorm=config.clip_norm or None,
-        use_ema=config.ema,
-        ema_momentum=config.ema_momentum,
-    )
+    )  # --ema: training.ema.WeightAverage (Keras' use_ema leaves BatchNorm statistics out)
     optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
     return optimizer
 
@@ -264,8 +262,20 @@ def build_training(
     )  # fmt: skip
 
 
-def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
-    """The run's callbacks and the NaN watcher among them (to read its message after fit)."""
+def make_weight_average(training: Training):
+    """``--ema``'s :class:`training.ema.WeightAverage`, built on the model (None without)."""
+    if not training.config.ema:
+        return None
+    average = ema.weight_average_class(training.keras)(
+        training.config.ema_momentum, training.strategy
+    )
+    average.build(training.model)
+    return average
+
+
+def make_callbacks(training: Training, chief: bool, average=None) -> tuple[list, Any]:
+    """The run's callbacks and the NaN watcher among them (to read its message after fit).
+    ``average``: the run's :class:`training.ema.WeightAverage`, if any."""
     keras, output_dir = training.keras, training.config.output_dir
     classes = callback_classes(keras)
     stop_on_nan = classes.StopOnNaN()
@@ -279,6 +289,7 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
         bound_time=(
             training.config.backup_freq is None and distribute.num_workers(training.strategy) == 1
         ),
+        extra=_average_state(average),
     )
     # Order matters for a kill at any moment: the epoch's metrics and best checkpoint are
     # written before its backup, so a resumed run never lacks an epoch it will not redo.
@@ -291,8 +302,14 @@ def make_callbacks(training: Training, chief: bool) -> tuple[list, Any]:
             classes.MetricsLogger(output_dir),
             keras.callbacks.TensorBoard(os.path.join(output_dir, LOG_DIR)),
         ]
+    if average is not None:  # validated averages out before the backup, updates before it
+        callbacks.append(average)
     callbacks.append(backup)
     return callbacks, stop_on_nan
+
+
+def _average_state(average) -> dict[str, list] | None:
+    return {"ema": average.variables} if average is not None else None
 
 
 def _fit_phases(training: Training, step: int, metric_state: list) -> list[tuple]:
@@ -379,10 +396,13 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
         files.write_atomic(
             os.path.join(output_dir, CLASS_NAMES_FILE), json.dumps(training.class_names) + "\n"
         )
-    callbacks, stop_on_nan = make_callbacks(training, chief)
+    average = make_weight_average(training)
+    callbacks, stop_on_nan = make_callbacks(training, chief, average)
     step, metric_state = 0, []
     if backup is not None:
-        step, metric_state = resume.restore_state(training.model, backup, training.strategy)
+        step, metric_state = resume.restore_state(
+            training.model, backup, training.strategy, _average_state(average)
+        )
         logger.warning(
             "Resuming at step %d (epoch %d, batch %d) from the backup %s",
             step, step // training.steps_per_epoch + 1, step % training.steps_per_epoch,
@@ -411,6 +431,8 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     # Every worker saves (non-chiefs into a temporary folder they delete, as in TF's
     # multi-worker tutorial), then waits for the others: a worker that exits early breaks the
     # chief's remaining TensorFlow ops.
+    if average is not None:
+        average.apply()  # model.keras holds the averaged weights (validated each epoch)
     with distribute.chief_write_dir(output_dir, training.strategy) as write_dir:
         saving.save_model(training.model, os.path.join(write_dir, MODEL_FILE))
     distribute.barrier(training.strategy)
