@@ -75,6 +75,7 @@ def test_the_average_of_every_weight_is_validated_and_applied(module):
     assert val_loss == pytest.approx(history.history["val_loss"][-1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ema_run_saves_the_averages_and_resumes_them_exactly(cifar10_train_dir, tmp_path):
     """An --ema run interrupted after epoch 1 and resumed ends with the same model.keras as one
     that was not interrupted: the backup holds the averages."""
