@@ -97,11 +97,10 @@ def random_translate(image: tf.Tensor, pixels: int, seed: tf.Tensor | None = Non
         return image
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     padded = tf.pad(image, [[pixels, pixels], [pixels, pixels], [0, 0]], mode="REFLECT")
-    shape = [2]
     if seed is None:
-        offset = tf.random.uniform(shape, 0, 2 * pixels + 1, dtype=tf.int32)
+        offset = tf.random.uniform([2], 0, 2 * pixels + 1, dtype=tf.int32)
     else:
-        offset = tf.random.stateless_uniform(shape, seed, 0, 2 * pixels + 1, dtype=tf.int32)
+        offset = tf.random.stateless_uniform([2], seed, 0, 2 * pixels + 1, dtype=tf.int32)
     return tf.slice(padded, [offset[0], offset[1], 0], [height, width, -1])
 
 

@@ -73,7 +73,7 @@ def weight_average_class(keras):
                         name=f"ema_{i}",
                         synchronization=tf.VariableSynchronization.ON_WRITE,
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                    )  # fmt: skip
+                    )
                     for i, w in enumerate(self._weights)
                 ]
 
@@ -109,7 +109,7 @@ def weight_average_class(keras):
 
         def on_test_begin(self, logs=None):
             # During fit, the epoch's validation: of the averaged model.
-            if self.model is not None and not self._swapped:
+            if not self._swapped:
                 self._swap()
 
         def on_epoch_end(self, epoch, logs=None):
