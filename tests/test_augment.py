@@ -27,6 +27,27 @@ def test_random_resized_crop_varies():
     assert any(not np.array_equal(crops[0], c) for c in crops[1:])
 
 
+def test_unseeded_augmentations_work_once_op_determinism_is_on():
+    # training.train seeds TensorFlow and turns op determinism on for the whole process; the
+    # stateful box sampler then refuses its default seed 0 (a CI failure when a doctest ran
+    # after a training test).
+    from tensorflow.python.eager import context  # no public getters or reset
+    from tensorflow.python.framework import config as tf_config
+
+    was_on, global_seed = tf_config.is_op_determinism_enabled(), context.global_seed()
+    tf.random.set_seed(7)
+    tf_config.enable_op_determinism()
+    try:
+        image = tf.cast(tf.random.stateless_uniform((32, 32, 3), (1, 2), maxval=255), tf.uint8)
+        crops = [augment.random_resized_crop(image, (8, 8), (0.1, 0.3)).numpy() for _ in range(4)]
+        assert any(not np.array_equal(crops[0], c) for c in crops[1:])
+        assert augment.random_translate(tf.cast(image, tf.float32), 2).shape == (32, 32, 3)
+    finally:
+        tf.random.set_seed(global_seed)
+        if not was_on:
+            tf_config.disable_op_determinism()
+
+
 def test_batch_augmenter_off_is_identity():
     images = tf.random.uniform((4, 16, 16, 3), maxval=255)
     labels = tf.one_hot([0, 1, 2, 3], 5)

@@ -57,7 +57,7 @@ def random_resized_crop(
 
     Falls back to the whole image when no box fits in 10 attempts. Returns float32 in 0..255.
     With ``seed`` (a shape-(2,) integer tensor) the box is a function of the seed alone
-    (stateless); without, TensorFlow's stateful sampler draws it.
+    (stateless); without, TensorFlow's global generator draws one.
 
     Example:
         >>> random_resized_crop(tf.zeros([40, 50, 3], tf.uint8), (32, 32)).shape
@@ -72,11 +72,12 @@ def random_resized_crop(
         use_image_if_no_bounding_boxes=True,
     )
     if seed is None:
-        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(tf.shape(image), **sampler)
-    else:
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), seed=seed, **sampler
-        )
+        # The stateful sampler refuses seed 0 once op determinism is on (as training.train
+        # turns it on for seeded runs): draw a seed for the stateless one instead.
+        seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), seed=seed, **sampler
+    )
     image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, 3])
     image = tf.image.resize(image, size, method=interpolation, antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)
