@@ -5,8 +5,8 @@
   line too); ``main(argv=None) -> int`` returns the exit code;
   ``if __name__ == "__main__": sys.exit(main())``.
 - One option name means one kind of thing everywhere: ``--output`` a file, ``--output-dir`` a
-  folder, ``--model`` a variant name (``convmixer_tf.PRESETS``), ``--model-file`` a model file
-  (``.keras``, ``.tflite``), ``--peers-python`` the Python of ``requirements-bench.txt``.
+  folder, ``--model`` a model file (``.keras``, ``.tflite``), ``--preset`` a variant name
+  (``convmixer_tf.PRESETS``), ``--peers-python`` the Python of ``requirements-bench.txt``.
 - Values are checked when parsed, before any work: numbers by the argparse types here
   (:func:`positive_int`, :func:`finite_float`, ...: finite and in range), input files by
   :func:`input_file` / :func:`input_dir` / :func:`input_path` (they exist), and no output may be

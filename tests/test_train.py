@@ -92,3 +92,19 @@ def test_benchmark_input_measures_images_per_second(cifar10_train_dir, capsys):
     assert train.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["batches"] == 3 and result["input_pipeline_images_per_s"] > 0
+
+
+def test_help_explains_every_config_key(capsys):
+    from training import config as config_lib
+
+    assert set(config_lib.HELP) == set(config_lib.field_names())  # a new key needs its line
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key in config_lib.field_names():
+        line = f"  --{key.replace('_', '-')} ("
+        assert line in text, key
+        assert config_lib.HELP[key] in text.split(line, 1)[1].splitlines()[0], key
+    words = " ".join(text.split())  # argparse wraps the named options' help
+    assert "--preset MODEL a convmixer_tf variant name" in words

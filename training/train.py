@@ -61,16 +61,33 @@ def _dest(option: str) -> str:
     return "option_" + option[2:].replace("-", "_")
 
 
+def _keys_epilog() -> str:
+    """Every config key as an option, with its default (without a recipe) and meaning."""
+    defaults = config_lib.TrainConfig()
+    lines = [
+        "Every config key is also an option (--key value, or --set key=value; booleans: --ema,",
+        "--no-hflip). Defaults without a recipe; --recipe NAME --print-config shows a recipe's:",
+        "",
+    ]
+    for key in config_lib.field_names():
+        value = getattr(defaults, key)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  --{key.replace('_', '-')} ({shown}): {config_lib.HELP[key]}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        epilog="Any config key is also an option: --lr-max 0.01, --mixup-alpha 0.2, --ema "
-        f"(booleans), --no-hflip. Keys: {', '.join(config_lib.field_names())}",
+        epilog=_keys_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--recipe", help="a recipe name (training/recipes/) or a .json path")
     for option, key in NAMED_OPTIONS.items():
-        parser.add_argument(option, dest=_dest(option), metavar=key.upper(), help=key)
+        parser.add_argument(
+            option, dest=_dest(option), metavar=key.upper(), help=config_lib.HELP[key]
+        )
     parser.add_argument("--model", dest=_dest("--preset"), action=cli.DeprecatedAlias,
                         new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument(
