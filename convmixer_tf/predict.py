@@ -1,30 +1,47 @@
-"""Classifies image files with a pretrained ConvMixer and prints the top classes.
+"""Classifies image files with a ConvMixer and prints the top classes (one JSON line).
+
+A pretrained checkpoint::
 
     python -m convmixer_tf.predict --preset convmixer_768_32 \\
         --weights convmixer_768_32_ks7_p7_relu.pth.tar image.jpg
 
-Images are preprocessed as timm evaluates the checkpoint (the preset's input size, crop_pct and
-interpolation; see :func:`convmixer_tf.imagenet.preprocess_image`). Without ``--preset`` the
-architecture is read from the checkpoint (see :mod:`convmixer_tf.convert`) and ImageNet's
-evaluation settings are used. 1000-class models print ImageNet names; the CIFAR-10 preset prints
-CIFAR-10 names; other class counts print class indices.
+A ``.keras`` model file, such as a training run's ``model.keras``::
+
+    python -m convmixer_tf.predict --model runs/c10/model.keras image.jpg
+
+Images are preprocessed as timm evaluates (resize, center crop; see
+:func:`convmixer_tf.imagenet.preprocess_image`). With ``--weights``: the preset's input size,
+crop_pct and interpolation, or, without ``--preset``, the architecture read from the checkpoint
+(see :mod:`convmixer_tf.convert`) and ImageNet's settings. With ``--model``: the model's input
+size, and the settings and class names of the training run beside the file (its
+``config.json`` and ``class_names.json``, as ``python -m training.evaluate`` uses them); a file
+alone gets ImageNet's settings if it has 1000 outputs, else the whole image resized
+(``crop_pct`` 1, bilinear). ``--crop-pct`` and ``--interpolation`` override either. 1000-class
+models print ImageNet names; the CIFAR-10 preset prints CIFAR-10 names; other class counts
+print class indices.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from convmixer_tf import cli, convert, imagenet, presets
-from convmixer_tf.constants import ACTIVATIONS
+from convmixer_tf import cli, convert, imagenet, presets, saving
+from convmixer_tf.constants import ACTIVATIONS, INTERPOLATIONS
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
+# What a training run writes beside its model files (training.rundir).
+RUN_CONFIG_FILE = "config.json"
+RUN_CLASS_NAMES_FILE = "class_names.json"
 
 
 def class_names(num_classes: int, dataset: str = "imagenet") -> tuple[str, ...] | None:
@@ -50,6 +67,7 @@ def classify(
     interpolation: str = imagenet.INTERPOLATION,
     names: Sequence[str] | None = None,
     top: int = 5,
+    input_size: int | None = None,
 ) -> list[list[tuple[str, str, float]]]:
     """The ``top`` classes ``(id, name, probability)`` of each image file.
 
@@ -59,15 +77,21 @@ def classify(
         crop_pct, interpolation: the evaluation transform (the preset's settings).
         names: class names; None for ImageNet's.
         top: classes per image.
+        input_size: the square size the images are resized to; the model's own by default
+            (needed for a model built without a fixed input size).
 
     Example:
         >>> from convmixer_tf import predict
         >>> predict.classify(model, ["cat.jpg"])  # doctest: +SKIP
         [[('n02123045', 'tabby, tabby cat', 0.71), ...]]
     """
-    size = model.input_shape[1]
-    if size is None or size != model.input_shape[2]:
-        raise ValueError(f"The model needs a fixed square input. Received: {model.input_shape}")
+    height, width = model.input_shape[1:3]
+    size = input_size or height
+    if size is None or (height, width) not in ((size, size), (None, None)):
+        raise ValueError(
+            "The model needs a fixed square input, or an input size (--input-size) if it has "
+            f"none. It takes {height}x{width} images; input size: {input_size}."
+        )
     batch = tf.stack(
         [
             imagenet.preprocess_image(imagenet.load_image(path), size, crop_pct, interpolation)
@@ -87,36 +111,135 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON line).",
     )
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, GIF)")
-    convert.add_preset_argument(parser)
+    parser.add_argument("--model", type=cli.input_file,
+                        help="a .keras model file (a training run's model.keras, a converted "
+                             "checkpoint); or --weights")  # fmt: skip
     parser.add_argument(
-        "--weights", required=True, help="checkpoint path, URL, 'imagenet' or .weights.h5"
-    )
-    parser.add_argument("--activation", choices=ACTIVATIONS)
+        "--preset", choices=list(presets.PRESETS), metavar="PRESET",
+        help=f"with --weights: the variant ({', '.join(presets.PRESETS)})",
+    )  # fmt: skip
+    parser.add_argument("--weights", help="checkpoint path, URL, 'imagenet' or .weights.h5")
+    parser.add_argument("--activation", choices=ACTIVATIONS, help="with --weights")
     parser.add_argument("--input-size", type=cli.positive_int,
-                        help="square input size (default: preset's)")  # fmt: skip
+                        help="square input size (default: preset's, model's)")  # fmt: skip
     parser.add_argument("--crop-pct", type=cli.fraction,
-                        help="default: the preset's (0.96 ImageNet)")  # fmt: skip
+                        help="default: the preset's or the run's (0.96 ImageNet)")  # fmt: skip
+    parser.add_argument("--interpolation", choices=INTERPOLATIONS,
+                        help="default: the preset's or the run's (bicubic ImageNet)")  # fmt: skip
     parser.add_argument("--top", type=cli.positive_int, default=5, help="classes per image")
+    cli.add_unsafe_argument(parser)
     cli.add_debug_argument(parser)
     return parser
 
 
+def _old_preset_spelling(argv: Sequence[str]) -> list[str]:
+    """``--model NAME`` named a variant before ``--model`` meant a file: a variant name that is
+    not a file is taken as ``--preset NAME``, with a deprecation warning."""
+    argv, out = list(argv), []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        option, has_value, value = token.partition("=")
+        if option == "--model":
+            if not has_value and i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            if value in presets.PRESETS and not os.path.exists(value):
+                message = "--model NAME is deprecated for a variant name; use --preset NAME"
+                warnings.warn(message, FutureWarning, stacklevel=2)
+                print(f"python -m convmixer_tf.predict: warning: {message}", file=sys.stderr)
+                out += ["--preset", value]
+            else:
+                out += [token] if has_value else [token, value]
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
+def run_settings(model_path: str, num_classes: int) -> tuple[float, str, tuple[str, ...] | None]:
+    """``(crop_pct, interpolation, class names)`` for a model file: those of the training run
+    beside it (``config.json``, ``class_names.json``) where they exist, else ImageNet's for a
+    1000-class model and ``(1.0, "bilinear", indices)`` for others.
+
+    Raises:
+        ValueError: naming the run's file if it is not what training writes.
+    """
+    folder = os.path.dirname(os.path.abspath(model_path))
+    crop_pct, interpolation = (
+        (imagenet.CROP_PCT, imagenet.INTERPOLATION)
+        if num_classes == imagenet.NUM_CLASSES
+        else (1.0, "bilinear")
+    )
+    names = class_names(num_classes)
+    config_path = os.path.join(folder, RUN_CONFIG_FILE)
+    if os.path.isfile(config_path):
+        config = _read_json(config_path)
+        if isinstance(config, dict):
+            crop_pct = config.get("crop_pct", crop_pct)
+            interpolation = config.get("interpolation", interpolation)
+        if not (
+            isinstance(config, dict)
+            and isinstance(crop_pct, int | float) and 0 < crop_pct <= 1
+            and interpolation in INTERPOLATIONS
+        ):  # fmt: skip
+            raise ValueError(
+                f"{config_path!r} (beside the model) is not a training run's config: "
+                "crop_pct in (0, 1] and interpolation expected."
+            )
+    names_path = os.path.join(folder, RUN_CLASS_NAMES_FILE)
+    if os.path.isfile(names_path):
+        names = _read_json(names_path)
+        if not (
+            isinstance(names, list) and len(names) == num_classes
+            and all(isinstance(n, str) for n in names)
+        ):  # fmt: skip
+            raise ValueError(
+                f"{names_path!r} (beside the model) must list {num_classes} class names, one "
+                "per output of the model."
+            )
+        names = tuple(names)
+    return float(crop_pct), interpolation, names
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} (beside the model) is not valid JSON: {e}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     """Classifies the images ``args`` name; prints the top classes of each."""
+    if (args.model is None) == (args.weights is None):
+        raise ValueError(
+            "Give --model FILE (a .keras model) or --weights CHECKPOINT (with --preset), not "
+            f"{'both' if args.model else 'neither'}."
+        )
+    if args.model and (args.preset or args.activation):
+        raise ValueError("--preset and --activation build a model for --weights; --model is one.")
     for path in args.images:  # before loading a model: a missing image is a quick error
         imagenet.check_image_file(path)
-    crop_pct, interpolation, dataset = imagenet.CROP_PCT, imagenet.INTERPOLATION, "imagenet"
-    if args.preset:
-        preset = presets.get_preset(args.preset)
-        crop_pct, interpolation, dataset = preset.crop_pct, preset.interpolation, preset.dataset
     with cli.stdout_to_stderr():
-        model = convert.build_model(
-            args.weights, args.preset, activation=args.activation, input_size=args.input_size
-        )
-        names = class_names(model.output_shape[-1], dataset)
+        if args.model:
+            model = saving.load_model(args.model, unsafe=args.unsafe)
+            crop_pct, interpolation, names = run_settings(args.model, model.output_shape[-1])
+        else:
+            crop_pct, interpolation, dataset = (
+                imagenet.CROP_PCT, imagenet.INTERPOLATION, "imagenet"
+            )  # fmt: skip
+            if args.preset:
+                preset = presets.get_preset(args.preset)
+                crop_pct, interpolation = preset.crop_pct, preset.interpolation
+                dataset = preset.dataset
+            model = convert.build_model(
+                args.weights, args.preset, activation=args.activation, input_size=args.input_size
+            )
+            names = class_names(model.output_shape[-1], dataset)
         results = classify(
-            model, args.images, crop_pct=args.crop_pct or crop_pct, interpolation=interpolation,
-            names=names, top=args.top,
+            model, args.images, crop_pct=args.crop_pct or crop_pct,
+            interpolation=args.interpolation or interpolation, names=names, top=args.top,
+            input_size=args.input_size,
         )  # fmt: skip
     for path, classes in zip(args.images, results, strict=True):
         print(path, file=sys.stderr)
@@ -132,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2: a user error, one line)."""
-    return cli.run(build_parser(), run, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    return cli.run(build_parser(), run, _old_preset_spelling(argv))
 
 
 if __name__ == "__main__":

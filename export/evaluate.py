@@ -158,6 +158,24 @@ def evaluate(
     return result
 
 
+def check_same_task(tflite_path: str, size: tuple[int, int], classes: int, keras_path: str,
+                    keras_model) -> None:  # fmt: skip
+    """Raises a ValueError naming both files if the Keras model cannot be compared with the
+    .tflite one: another number of classes, or another fixed input size."""
+    keras_classes = keras_model.output_shape[-1]
+    if keras_classes != classes:
+        raise ValueError(
+            f"{keras_path!r} has {keras_classes} outputs but {tflite_path!r} has {classes}: "
+            "they are not the same classifier."
+        )
+    keras_size = tuple(keras_model.input_shape[1:3])
+    if None not in keras_size and keras_size != size:
+        raise ValueError(
+            f"{keras_path!r} takes {keras_size[0]}x{keras_size[1]} images but {tflite_path!r} "
+            f"takes {size[0]}x{size[1]}."
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.data import add_evaluation_data_arguments
 
@@ -185,8 +203,16 @@ def run(args: argparse.Namespace) -> int:
     classifier = TFLiteClassifier(args.tflite)
     keras_model = convmixer_tf.load_model(args.keras, unsafe=args.unsafe) if args.keras else None
     height, width = (int(d) for d in classifier.input["shape"][1:3])
+    classes = int(classifier.output["shape"][-1])
+    if keras_model is not None:
+        check_same_task(args.tflite, (height, width), classes, args.keras, keras_model)
     data = evaluation_data_kwargs(args)
-    dataset, _ = load_dataset(image_size=(height, width), **data)
+    dataset, class_names = load_dataset(image_size=(height, width), **data)
+    if len(class_names) != classes:
+        raise ValueError(
+            f"{args.tflite!r} has {classes} outputs but the data has {len(class_names)} "
+            f"classes ({list(class_names)[:10]}...)."
+        )
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
         num_threads=args.threads, tta=args.tta,

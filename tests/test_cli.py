@@ -133,6 +133,7 @@ def malicious_models(tmp_path, monkeypatch):
 
 def test_no_cli_runs_code_from_a_model_file(malicious_models, tmp_path, cifar10_train_dir, capsys):
     import convmixer_tf
+    from convmixer_tf import predict
     from export import __main__ as export_cli
     from export import benchmark as export_benchmark
     from export import evaluate as export_evaluate
@@ -144,6 +145,7 @@ def test_no_cli_runs_code_from_a_model_file(malicious_models, tmp_path, cifar10_
     tflite_path.write_bytes(tflite.convert(model, "fp32"))
     capsys.readouterr()  # the converter's logging
     data = ["--data-dir", str(cifar10_train_dir), "--limit-per-class", "1"]
+    image = str(next((cifar10_train_dir / "cat").iterdir()))
     for path in malicious_models:
         commands = {
             "python -m training.evaluate": (training_evaluate, ["--model", str(path), *data]),
@@ -153,6 +155,7 @@ def test_no_cli_runs_code_from_a_model_file(malicious_models, tmp_path, cifar10_
                                                             "--keras", str(path), *data]),
             "python -m export.benchmark": (export_benchmark, ["--model", str(path),
                                                               "--output-dir", str(tmp_path)]),
+            "python -m convmixer_tf.predict": (predict, ["--model", str(path), image]),
         }  # fmt: skip
         for prog, (module, argv) in commands.items():
             assert module.main(argv) == 2, (prog, path.name)

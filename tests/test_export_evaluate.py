@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from export_helpers import keras_logits, pixels, tiny_model
 
+from convmixer_tf.predict import CIFAR10_CLASSES
 from export import evaluate, tflite
 
 
@@ -75,8 +76,8 @@ def test_cli_errors_are_one_line(tmp_path, cifar10_train_dir, capsys):
 def test_cli_holds_out_the_fraction_training_held_out(
     fp32_blob, tmp_path, cifar10_train_dir, capsys
 ):
-    # a small image folder: 2 classes x 10 images, linked from the CIFAR-10 slice
-    for name in ("airplane", "automobile"):
+    # a small image folder: 10 classes x 10 images, linked from the CIFAR-10 slice
+    for name in CIFAR10_CLASSES:
         (tmp_path / "data" / name).mkdir(parents=True)
         for image in sorted((cifar10_train_dir / name).iterdir())[:10]:
             (tmp_path / "data" / name / image.name).symlink_to(image)
@@ -88,7 +89,32 @@ def test_cli_holds_out_the_fraction_training_held_out(
         assert evaluate.main(argv) == 0
         return json.loads(capsys.readouterr().out)["n"]
 
-    assert evaluated(base) == 2 * 10  # by default: the whole folder it is given
+    assert evaluated(base) == 10 * 10  # by default: the whole folder it is given
     held_out = [*base, "--split", "validation"]
-    assert evaluated(held_out) == 2 * 1  # training's hold-out: the last 10% of each class
-    assert evaluated([*held_out, "--validation-fraction", "0.5"]) == 2 * 5
+    assert evaluated(held_out) == 10 * 1  # training's hold-out: the last 10% of each class
+    assert evaluated([*held_out, "--validation-fraction", "0.5"]) == 10 * 5
+
+
+def test_cli_refuses_models_and_data_that_do_not_match(model, fp32_blob, tmp_path,
+                                                       cifar10_train_dir, capsys):  # fmt: skip
+    tflite_path = tmp_path / "model.tflite"
+    tflite_path.write_bytes(fp32_blob)
+    other = tmp_path / "five_classes.keras"
+    tiny_model(num_classes=5).save(other)
+    bigger = tmp_path / "bigger.keras"
+    tiny_model(input_shape=(48, 48, 3)).save(bigger)
+    subset = tmp_path / "subset"
+    for name in CIFAR10_CLASSES[:5]:
+        (subset / name).mkdir(parents=True)
+        for image in sorted((cifar10_train_dir / name).iterdir())[:2]:
+            (subset / name / image.name).symlink_to(image)
+    base = ["--tflite", str(tflite_path), "--limit-per-class", "1"]
+    for argv, message in (
+        ([*base, "--data-dir", str(cifar10_train_dir), "--keras", str(other)], "5 outputs but"),
+        ([*base, "--data-dir", str(cifar10_train_dir), "--keras", str(bigger)], "48x48 images"),
+        ([*base, "--data-dir", str(subset)], "10 outputs but the data has 5 classes"),
+    ):
+        assert evaluate.main(argv) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert captured.out == ""
