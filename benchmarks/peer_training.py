@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arch", required=True, type=parse_arch,
                         help="JSON: dim, depth, kernel_size, ...")  # fmt: skip
-    parser.add_argument("--image-size", type=cli.positive_int, required=True)
+    parser.add_argument("--image-size", type=cli.image_size, required=True)
     parser.add_argument("--batch-size", type=cli.positive_int, default=128)
     parser.add_argument("--steps", type=cli.positive_int, default=5)
     parser.add_argument("--warmup-steps", type=cli.nonnegative_int, default=2)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=cli.positive_int, default=8)
     parser.add_argument("--kernel-size", type=cli.positive_int, default=5)
     parser.add_argument("--patch-size", type=cli.positive_int, default=2)
-    parser.add_argument("--image-size", type=cli.positive_int, default=32)
+    parser.add_argument("--image-size", type=cli.image_size, default=32)
     parser.add_argument("--threads", type=cli.positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=cli.positive_int, default=20,
                         help="invocations per measurement")  # fmt: skip

@@ -42,6 +42,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from convmixer_tf import image_files
+
 USER_ERROR = 2
 # Exceptions that mean "the input is wrong", not "the program is wrong". Library code raises
 # ValueError naming the file or value; OSError covers files that cannot be read or written.
@@ -89,8 +91,14 @@ positive_float = _checked(float, lambda v: v > 0, "a positive finite number", "p
 nonnegative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "fraction")
 held_out_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "held_out_fraction")
+# A square image side: its pixels within the decoding limit (convmixer_tf.image_files).
+image_size = _checked(
+    int, lambda v: 0 < v and v * v <= image_files.max_image_pixels(),
+    f"a positive size whose square is at most {image_files.MAX_IMAGE_PIXELS} pixels (the image "
+    f"limit, {image_files.LIMIT_VARIABLE})", "image_size",
+)  # fmt: skip
 NUMBER_TYPES = (positive_int, nonnegative_int, finite_float, positive_float, nonnegative_float,
-                fraction, held_out_fraction)  # fmt: skip
+                fraction, held_out_fraction, image_size)  # fmt: skip
 
 
 def input_file(text: str) -> str:

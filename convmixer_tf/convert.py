@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=cli.output_path,
                         help="the .keras file to write")  # fmt: skip
     parser.add_argument("--activation", choices=ACTIVATIONS)
-    parser.add_argument("--input-size", type=cli.positive_int,
+    parser.add_argument("--input-size", type=cli.image_size,
                         help="square input size (default: preset's)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true", help="skip the reload check")
     cli.add_debug_argument(parser)

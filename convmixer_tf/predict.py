@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--weights", help="checkpoint path, URL, 'imagenet' or .weights.h5")
     parser.add_argument("--activation", choices=ACTIVATIONS, help="with --weights")
-    parser.add_argument("--input-size", type=cli.positive_int,
+    parser.add_argument("--input-size", type=cli.image_size,
                         help="square input size (default: preset's, model's)")  # fmt: skip
     parser.add_argument("--crop-pct", type=cli.fraction,
                         help="default: the preset's or the run's (0.96 ImageNet)")  # fmt: skip

@@ -51,7 +51,7 @@ class ExportOptions:
         help="draws the calibration images and orders QAT's batches (vary it to measure spread)",
     )  # fmt: skip
     input_size: int | None = _option(
-        None, "--input-size", type=cli.positive_int,
+        None, "--input-size", type=cli.image_size,
         help="square input size, for models saved without a fixed one",
     )  # fmt: skip
     io_type: str = _option(

@@ -130,6 +130,7 @@ def test_overrides_parse_strings_to_field_types():
         ({"randaugment_magnitude_max": 0}, "at most `randaugment_magnitude_max`"),
         ({"translate": -1}, "`translate` must be >= 0"),
         ({"translate": 32}, "`translate` must be below `image_size`"),
+        ({"image_size": 100_000}, "`image_size` 100000 means 10000000000 pixels per image"),
     ],
 )
 def test_bad_overrides_raise_value_errors(overrides, message):

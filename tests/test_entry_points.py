@@ -25,6 +25,7 @@ BAD_VALUES = {
     "nonnegative_float": "nan",
     "fraction": "1.5",
     "held_out_fraction": "1",
+    "image_size": "100000",  # 10^10 pixels: above the decoding limit
 }
 
 

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or JSON file")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, type=cli.input_dir)
     parser.add_argument("--data", choices=DATA_MODES, default="synthetic")
-    parser.add_argument("--image-size", type=cli.positive_int, default=None,
+    parser.add_argument("--image-size", type=cli.image_size, default=None,
                         help="default: the recipe's")  # fmt: skip
     parser.add_argument("--dim", type=cli.positive_int, default=None)
     parser.add_argument("--depth", type=cli.positive_int, default=None)

@@ -25,7 +25,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from convmixer_tf import constants, files
+from convmixer_tf import constants, files, image_files
 from convmixer_tf.constants import INTERPOLATIONS
 
 RECIPES_DIR = pathlib.Path(__file__).resolve().parent / "recipes"
@@ -254,6 +254,12 @@ def check(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"`{name}` must be positive. Received: {name}={getattr(config, name)}")
+    if config.image_size**2 > image_files.max_image_pixels():
+        raise ValueError(
+            f"`image_size` {config.image_size} means {config.image_size**2} pixels per image, "
+            f"above the image limit of {image_files.max_image_pixels()} "
+            f"({image_files.LIMIT_VARIABLE})."
+        )
     if not 0.0 < config.lr_peak_at < 0.8:
         raise ValueError(
             f"`lr_peak_at` must be in (0, 0.8): the one-cycle schedule reaches lr_max at that "

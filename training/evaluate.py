@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
     )
     parser.add_argument("--model", required=True, type=cli.input_path, help="a .keras file")
-    parser.add_argument("--image-size", type=cli.positive_int,
+    parser.add_argument("--image-size", type=cli.image_size,
                         help="default: the model's input size")  # fmt: skip
     parser.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="test-time augmentation: average the logits over the image and its "
