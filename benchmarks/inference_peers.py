@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -72,10 +71,7 @@ def run_peers(python: str, arch: dict, weights: str, images: str, args) -> dict:
     command = [python, "-m", "benchmarks.peer_models", "--arch", json.dumps(arch),
                "--weights", weights, "--images", images, "--threads", str(args.threads),
                "--repeats", str(args.repeats)]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"the peers' run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cli.run_json_command(command, f"the peers' run ({python})", cwd=REPO_ROOT)
 
 
 def benchmark_model(name: str, kernel: int | None, args) -> list[dict]:
@@ -106,72 +102,72 @@ def benchmark_model(name: str, kernel: int | None, args) -> list[dict]:
         quantize.rebatch_qat_model(qat_model), "qat", calibration_images=calibration
     )
 
-    folder = tempfile.mkdtemp()
-    keys = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "activation")
-    arch = {key: arch_args[key] for key in keys}
-    weights = os.path.join(folder, "weights.npz")
-    np.savez(weights, **torch_state(model, arch["depth"]))
-    images = os.path.join(folder, "images.npz")
-    np.savez(
-        images,
-        probe=normalized_nchw(probe, preset.mean, preset.std),
-        calibration=normalized_nchw(calibration, preset.mean, preset.std),
-    )
-
-    times: dict[str, list[float]] = {key: [] for key in blobs}
-    peers: list[dict] = []
-    for _ in range(args.rounds):
-        for key, blob in blobs.items():
-            times[key].append(latency_ms(blob, args.threads, repeats=args.repeats, warmup=3))
-        if args.peers_python:
-            peers.append(run_peers(args.peers_python, arch, weights, images, args))
-
-    from export.evaluate import TFLiteClassifier
-
-    peak = matmul_peak_gflops(args.threads)
-    bound_ms = 2 * forward_macs(model) / (peak * 1e9) * 1e3
-    scale = float(np.abs(reference).max())
-    rows = []
-    for key, blob in blobs.items():
-        logits = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
-        rows.append(
-            {
-                "engine": "ours (.tflite, XNNPACK)",
-                "format": key,
-                "ms": float(np.median(times[key])),
-                "partitions": xnnpack_partitions(blob),
-                "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
-            }
+    with tempfile.TemporaryDirectory(prefix="convmixer_peers_") as folder:
+        keys = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "activation")
+        arch = {key: arch_args[key] for key in keys}
+        weights = os.path.join(folder, "weights.npz")
+        np.savez(weights, **torch_state(model, arch["depth"]))
+        images = os.path.join(folder, "images.npz")
+        np.savez(
+            images,
+            probe=normalized_nchw(probe, preset.mean, preset.std),
+            calibration=normalized_nchw(calibration, preset.mean, preset.std),
         )
-    if peers:
-        for engine, key in (("ONNX Runtime", "ort_fp32"), ("ONNX Runtime", "ort_int8"),
-                            ("PyTorch eager", "torch_eager")):  # fmt: skip
-            if f"{key}_ms" not in peers[0]:
-                continue
-            logits = np.asarray(peers[0].get(f"{key}_logits", peers[0]["torch_logits"]))
-            version = peers[0].get("onnxruntime" if key.startswith("ort") else "torch", "")
+
+        times: dict[str, list[float]] = {key: [] for key in blobs}
+        peers: list[dict] = []
+        for _ in range(args.rounds):
+            for key, blob in blobs.items():
+                times[key].append(latency_ms(blob, args.threads, repeats=args.repeats, warmup=3))
+            if args.peers_python:
+                peers.append(run_peers(args.peers_python, arch, weights, images, args))
+
+        from export.evaluate import TFLiteClassifier
+
+        peak = matmul_peak_gflops(args.threads)
+        bound_ms = 2 * forward_macs(model) / (peak * 1e9) * 1e3
+        scale = float(np.abs(reference).max())
+        rows = []
+        for key, blob in blobs.items():
+            logits = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
             rows.append(
                 {
-                    "engine": f"{engine} {version}",
-                    "format": "int8" if "int8" in key else "fp32",
-                    "ms": float(np.median([p[f"{key}_ms"] for p in peers])),
+                    "engine": "ours (.tflite, XNNPACK)",
+                    "format": key,
+                    "ms": float(np.median(times[key])),
+                    "partitions": xnnpack_partitions(blob),
                     "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
                 }
             )
-    ort = {r["format"]: r["ms"] for r in rows if r["engine"].startswith("ONNX Runtime")}
-    for row in rows:
-        base = ort.get("int8" if row["format"].startswith(("int8", "qat")) else "fp32")
-        row["vs_onnxruntime"] = row["ms"] / base if base else None
-        row["over_fp32_bound"] = row["ms"] / bound_ms
-        row.update(
-            model=name,
-            kernel=arch["kernel_size"],
-            threads=args.threads,
-            peak_gflops=round(peak, 1),
-            bound_ms=round(bound_ms, 2),
-        )
-        print(json.dumps(row), file=sys.stderr)
-    return rows
+        if peers:
+            for engine, key in (("ONNX Runtime", "ort_fp32"), ("ONNX Runtime", "ort_int8"),
+                                ("PyTorch eager", "torch_eager")):  # fmt: skip
+                if f"{key}_ms" not in peers[0]:
+                    continue
+                logits = np.asarray(peers[0].get(f"{key}_logits", peers[0]["torch_logits"]))
+                version = peers[0].get("onnxruntime" if key.startswith("ort") else "torch", "")
+                rows.append(
+                    {
+                        "engine": f"{engine} {version}",
+                        "format": "int8" if "int8" in key else "fp32",
+                        "ms": float(np.median([p[f"{key}_ms"] for p in peers])),
+                        "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
+                    }
+                )
+        ort = {r["format"]: r["ms"] for r in rows if r["engine"].startswith("ONNX Runtime")}
+        for row in rows:
+            base = ort.get("int8" if row["format"].startswith(("int8", "qat")) else "fp32")
+            row["vs_onnxruntime"] = row["ms"] / base if base else None
+            row["over_fp32_bound"] = row["ms"] / bound_ms
+            row.update(
+                model=name,
+                kernel=arch["kernel_size"],
+                threads=args.threads,
+                peak_gflops=round(peak, 1),
+                bound_ms=round(bound_ms, 2),
+            )
+            print(json.dumps(row), file=sys.stderr)
+        return rows
 
 
 def table(rows: list[dict], flags: list[str]) -> str:

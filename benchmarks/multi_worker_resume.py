@@ -72,61 +72,64 @@ def run(args: argparse.Namespace) -> int:
     resumed job's weights equal the uninterrupted job's."""
     import numpy as np
 
-    root = tempfile.mkdtemp(prefix="mw_resume_")
-    output_dir = os.path.join(root, "run")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    train_args = [
-        "--data-dir", os.path.abspath(args.data_dir),
-        "--limit-per-class", "4", "--image-size", "16", "--dim", "16", "--depth", "1",
-        "--kernel-size", "3", "--patch-size", "4", "--batch-size", "8", "--randaugment-ops", "0",
-        "--no-hflip", "--scale", "1,1", "--val-split", "", "--verbose", "0",
-        "--output-dir", output_dir, "--strategy", "multi_worker", "--epochs", "2",
-        "--steps-per-epoch", "6", "--backup-freq", "2", "--deterministic",
-    ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "training.launch", "--workers", "2", "--module", "train_worker",
-        "--", "--batch-delay", str(args.batch_delay), *train_args,
-    ]  # fmt: skip
-    reference_command = [*command, "--output-dir", os.path.join(root, "reference")]
-    reference = subprocess.run(
-        reference_command, env=env, cwd=REPO_ROOT, capture_output=True, text=True
-    )
-    print("uninterrupted run exit code:", reference.returncode, file=sys.stderr)
-    first = subprocess.Popen(
-        command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    for line in first.stderr:
-        if line.startswith(KILL_AT):
-            for pid in child_pids(first.pid):
-                with open(f"/proc/{pid}/environ") as f:
-                    if '"index": 1' in f.read():
-                        print(f"kill -9 worker 1 (pid {pid})", file=sys.stderr)
-                        os.kill(pid, signal.SIGKILL)
-        elif line.startswith("[launch]"):
-            print(line.strip(), file=sys.stderr)
-    first_status = first.wait()
+    with tempfile.TemporaryDirectory(prefix="mw_resume_") as root:
+        output_dir = os.path.join(root, "run")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        train_args = [
+            "--data-dir", os.path.abspath(args.data_dir),
+            "--limit-per-class", "4", "--image-size", "16", "--dim", "16", "--depth", "1",
+            "--kernel-size", "3", "--patch-size", "4", "--batch-size", "8",
+            "--randaugment-ops", "0", "--no-hflip", "--scale", "1,1", "--val-split", "",
+            "--verbose", "0",
+            "--output-dir", output_dir, "--strategy", "multi_worker", "--epochs", "2",
+            "--steps-per-epoch", "6", "--backup-freq", "2", "--deterministic",
+        ]  # fmt: skip
+        command = [
+            sys.executable, "-m", "training.launch", "--workers", "2", "--module", "train_worker",
+            "--", "--batch-delay", str(args.batch_delay), *train_args,
+        ]  # fmt: skip
+        reference_command = [*command, "--output-dir", os.path.join(root, "reference")]
+        reference = subprocess.run(
+            reference_command, env=env, cwd=REPO_ROOT, capture_output=True, text=True
+        )
+        print("uninterrupted run exit code:", reference.returncode, file=sys.stderr)
+        first = subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for line in first.stderr:
+            if line.startswith(KILL_AT):
+                for pid in child_pids(first.pid):
+                    with open(f"/proc/{pid}/environ") as f:
+                        if '"index": 1' in f.read():
+                            print(f"kill -9 worker 1 (pid {pid})", file=sys.stderr)
+                            os.kill(pid, signal.SIGKILL)
+            elif line.startswith("[launch]"):
+                print(line.strip(), file=sys.stderr)
+        first_status = first.wait()
 
-    second = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
-    batches = [line for line in second.stderr.splitlines() if "BATCH" in line]
-    diff = max(
-        float(np.abs(a - b).max())
-        for a, b in zip(chief_weights(second.stderr), chief_weights(reference.stderr), strict=True)
-    )
-    result = {
-        "uninterrupted_exit": reference.returncode,
-        "killed_run_exit": first_status,
-        "resumed_exit": second.returncode,
-        "resumed_first_batches": batches[:2],
-        "chief_wrote": sorted(os.listdir(output_dir)),
-        "max_abs_diff_resumed_vs_uninterrupted": diff,
-    }
-    cli.emit(result)
-    return 0 if second.returncode == 0 and diff == 0 else 1
+        second = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+        batches = [line for line in second.stderr.splitlines() if "BATCH" in line]
+        diff = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(
+                chief_weights(second.stderr), chief_weights(reference.stderr), strict=True
+            )
+        )
+        result = {
+            "uninterrupted_exit": reference.returncode,
+            "killed_run_exit": first_status,
+            "resumed_exit": second.returncode,
+            "resumed_first_batches": batches[:2],
+            "chief_wrote": sorted(os.listdir(output_dir)),
+            "max_abs_diff_resumed_vs_uninterrupted": diff,
+        }
+        cli.emit(result)
+        return 0 if second.returncode == 0 and diff == 0 else 1
 
 
 if __name__ == "__main__":

@@ -131,36 +131,36 @@ def run(args: argparse.Namespace) -> int:
         if not args.skip_eager:
             result["torch_eager_ms"] = median_ms(lambda: model(x), args.repeats)
 
-    folder = tempfile.mkdtemp()
-    fp32 = os.path.join(folder, "model.onnx")
-    torch.onnx.export(
-        model, (x,), fp32, input_names=["pixels"], output_names=["logits"], dynamo=False,
-        opset_version=17,
-    )  # fmt: skip
-    # ONNX Runtime's own recipe for x86: pre-processing (shape inference, graph
-    # optimization), QDQ, per-channel int8 weights and uint8 activations (U8S8). Measured on
-    # ConvMixer-1024/20, 2 threads, AVX-512 VNNI: 21.6 ms; int8 activations (S8S8) 96 ms,
-    # QOperator 211 ms: the fastest is the peer.
-    prepared = os.path.join(folder, "model_prepared.onnx")
-    quantization.quant_pre_process(fp32, prepared)
-    int8 = os.path.join(folder, "model_int8.onnx")
-    quantization.quantize_static(
-        prepared, int8, Calibration(calibration, "pixels"),
-        quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-        activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-    )  # fmt: skip
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    for name, path in (("ort_fp32", fp32), ("ort_int8", int8)):
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = {"pixels": probe[:1]}
-        result[f"{name}_ms"] = median_ms(lambda s=session, f=feed: s.run(None, f), args.repeats)
-        result[f"{name}_logits"] = np.concatenate(
-            [session.run(None, {"pixels": image[None]})[0] for image in probe]
-        ).tolist()
-    cli.emit(result)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="convmixer_peers_") as folder:
+        fp32 = os.path.join(folder, "model.onnx")
+        torch.onnx.export(
+            model, (x,), fp32, input_names=["pixels"], output_names=["logits"], dynamo=False,
+            opset_version=17,
+        )  # fmt: skip
+        # ONNX Runtime's own recipe for x86: pre-processing (shape inference, graph
+        # optimization), QDQ, per-channel int8 weights and uint8 activations (U8S8). Measured on
+        # ConvMixer-1024/20, 2 threads, AVX-512 VNNI: 21.6 ms; int8 activations (S8S8) 96 ms,
+        # QOperator 211 ms: the fastest is the peer.
+        prepared = os.path.join(folder, "model_prepared.onnx")
+        quantization.quant_pre_process(fp32, prepared)
+        int8 = os.path.join(folder, "model_int8.onnx")
+        quantization.quantize_static(
+            prepared, int8, Calibration(calibration, "pixels"),
+            quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+        )  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        for name, path in (("ort_fp32", fp32), ("ort_int8", int8)):
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            feed = {"pixels": probe[:1]}
+            result[f"{name}_ms"] = median_ms(lambda s=session, f=feed: s.run(None, f), args.repeats)
+            result[f"{name}_logits"] = np.concatenate(
+                [session.run(None, {"pixels": image[None]})[0] for image in probe]
+            ).tolist()
+        cli.emit(result)
+        return 0
 
 
 if __name__ == "__main__":

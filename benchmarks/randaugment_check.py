@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -60,32 +59,30 @@ def run(args: argparse.Namespace) -> int:
     # Class by class in turn: the first image of every class, then the second, ...
     paths = [p for group in itertools.zip_longest(*by_class) for p in group if p][: args.images]
     images = np.stack([data.decode_image_file(tf.constant(p)).numpy() for p in paths])
-    folder = tempfile.mkdtemp()
-    inputs, outputs = os.path.join(folder, "in.npz"), os.path.join(folder, "out.npz")
-    np.savez(inputs, images=images)
-    command = [args.peers_python, "-m", "benchmarks.peer_randaugment", "--images", inputs,
-               "--output", outputs, "--magnitude", str(args.magnitude)]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"torchvision's run failed:\n{done.stderr[-3000:]}")
-    rows = []
-    with np.load(outputs) as theirs:
-        for key in theirs.files:
-            name, sign = key.rsplit("_", 1)
-            op = augment.RANDAUGMENT_OPS.index(name)
-            ours = np.stack([
-                augment.rand_augment_op(tf.constant(image, tf.float32), op, int(sign),
-                                        args.magnitude / 30).numpy()
-                for image in images
-            ])  # fmt: skip
-            difference = np.abs(ours - theirs[key].astype(np.float32))
-            rows.append({"op": name, "sign": int(sign),
-                         "equal": round(float(np.mean(difference == 0)), 4),
-                         "mean_abs_diff": round(float(difference.mean()), 3),
-                         "max_abs_diff": float(difference.max())})  # fmt: skip
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    cli.emit({"magnitude": args.magnitude, "images": len(images), "ops": rows})
-    return 0
+    with tempfile.TemporaryDirectory(prefix="convmixer_randaugment_") as folder:
+        inputs, outputs = os.path.join(folder, "in.npz"), os.path.join(folder, "out.npz")
+        np.savez(inputs, images=images)
+        command = [args.peers_python, "-m", "benchmarks.peer_randaugment", "--images", inputs,
+                   "--output", outputs, "--magnitude", str(args.magnitude)]  # fmt: skip
+        cli.run_command(command, f"torchvision's run ({args.peers_python})", cwd=REPO_ROOT)
+        rows = []
+        with np.load(outputs) as theirs:
+            for key in theirs.files:
+                name, sign = key.rsplit("_", 1)
+                op = augment.RANDAUGMENT_OPS.index(name)
+                ours = np.stack([
+                    augment.rand_augment_op(tf.constant(image, tf.float32), op, int(sign),
+                                            args.magnitude / 30).numpy()
+                    for image in images
+                ])  # fmt: skip
+                difference = np.abs(ours - theirs[key].astype(np.float32))
+                rows.append({"op": name, "sign": int(sign),
+                             "equal": round(float(np.mean(difference == 0)), 4),
+                             "mean_abs_diff": round(float(difference.mean()), 3),
+                             "max_abs_diff": float(difference.max())})  # fmt: skip
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        cli.emit({"magnitude": args.magnitude, "images": len(images), "ops": rows})
+        return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 
 from benchmarks import REPO_ROOT
@@ -34,10 +33,7 @@ def ours(args, mixed: bool) -> dict:
         command += ["--mixed-precision", "--peers", "none"]
     else:
         command += ["--peers", "torch", "--peers-python", args.peers_python]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"training.benchmark failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cli.run_json_command(command, "python -m training.benchmark", cwd=REPO_ROOT)
 
 
 def table(rates: dict[str, list[float]], record: dict, torch_version: str) -> str:

@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,9 +46,17 @@ from typing import Any
 from convmixer_tf import image_files
 
 USER_ERROR = 2
+
+
+class CommandError(RuntimeError):
+    """A program a command runs failed (a benchmark's peer in another Python, say): the message
+    names it and ends with its last line on stderr, which says why."""
+
+
 # Exceptions that mean "the input is wrong", not "the program is wrong". Library code raises
-# ValueError naming the file or value; OSError covers files that cannot be read or written.
-USER_ERRORS = (ValueError, OSError)
+# ValueError naming the file or value; OSError covers files that cannot be read or written;
+# CommandError, a child program that failed (most often a Python without the peers' packages).
+USER_ERRORS = (ValueError, OSError, CommandError)
 
 
 class UsageError(ValueError):
@@ -190,6 +199,29 @@ def add_peers_python_argument(parser: argparse.ArgumentParser, required: bool = 
         "--torch-python", dest="peers_python", type=input_file, action=DeprecatedAlias,
         new_option="--peers-python", help=argparse.SUPPRESS,
     )  # fmt: skip
+
+
+def run_command(command: Sequence[str], what: str, cwd: str | None = None) -> str:
+    """Runs ``command``; returns its stdout. If it cannot start or exits with an error, raises
+    :class:`CommandError` naming ``what``, with the last line it wrote on stderr."""
+    try:
+        done = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True)
+    except OSError as e:
+        raise CommandError(f"{what} could not start: {_one_line(e)}") from e
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else "(nothing on stderr)"
+        raise CommandError(f"{what} failed with exit code {done.returncode}: {last}")
+    return done.stdout
+
+
+def run_json_command(command: Sequence[str], what: str, cwd: str | None = None) -> Any:
+    """:func:`run_command` for a command of this convention: its last line on stdout, parsed."""
+    lines = run_command(command, what, cwd).strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError) as e:
+        raise CommandError(f"{what} printed no JSON result on stdout") from e
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -101,10 +100,10 @@ def torch_eager_ms(python: str, arch: dict, size: int, threads: int, repeats: in
         return None
     argv = [arch["dim"], arch["depth"], arch["kernel_size"], arch["patch_size"], size, threads,
             repeats]  # fmt: skip
-    out = subprocess.run(
-        [python, "-c", _TORCH_CODE, *map(str, argv)], capture_output=True, text=True, check=True
+    out = cli.run_command(
+        [python, "-c", _TORCH_CODE, *map(str, argv)], f"PyTorch's timing ({python})"
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(out.strip().splitlines()[-1])
 
 
 def benchmark_formats(model, args) -> dict:
@@ -331,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
 
         args.machine = describe_machine()
     if args.imagenet_variants:
+        if args.peers_python:  # PyTorch is timed last: check it imports before any work
+            python = args.peers_python
+            cli.run_command([python, "-c", "import torch"], f"--peers-python {python}")
         rows = benchmark_imagenet_variants(args)
         lines = [f"Machine: {args.machine}. Batch 1, {args.threads} threads, median.", "",
                  "| model | kernel | format | depthwise | latency (ms) | XNNPACK partitions "

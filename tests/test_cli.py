@@ -1,5 +1,6 @@
 """Every command line: a user's mistake is one line naming the problem, exit code 2."""
 
+import argparse
 import os
 import pathlib
 import subprocess
@@ -182,3 +183,26 @@ def test_train_with_a_missing_data_folder_touches_nothing(tmp_path, capsys):
     assert train.main(argv) == 2
     assert "Image folder not found" in one_error_line(capsys, "python -m training.train")
     assert not out.exists()  # checked before the run directory is locked or created
+
+
+def test_a_child_command_that_fails_is_named_with_its_last_error_line(tmp_path, capsys):
+    fails = [sys.executable, "-c", "import sys; print('detail', file=sys.stderr); "
+             "sys.exit('peer: error: torch not installed here')"]  # fmt: skip
+    with pytest.raises(cli.CommandError, match=r"^the peer failed with exit code 1: peer: error: "
+                       "torch not installed here$"):  # fmt: skip
+        cli.run_command(fails, "the peer")
+    with pytest.raises(cli.CommandError, match=r"^the peer could not start: .*no-such-python"):
+        cli.run_command([str(tmp_path / "no-such-python")], "the peer")
+    with pytest.raises(cli.CommandError, match="printed no JSON result"):
+        cli.run_json_command([sys.executable, "-c", "print('not json')"], "the peer")
+    assert cli.run_json_command([sys.executable, "-c", "print('x'); print('[1]')"], "p") == [1]
+
+    def work(args):
+        cli.run_command(fails, "the peer")
+
+    assert cli.run(argparse.ArgumentParser(prog="demo"), work, []) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "demo: error: the peer failed with exit code 1: peer: error: torch not installed here\n"
+    )

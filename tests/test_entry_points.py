@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import CIFAR10_TRAIN, REPO_ROOT
 
 from convmixer_tf import cli
 
@@ -144,3 +144,27 @@ def test_peer_sides_say_where_to_run_them(tmp_path, capsys):
     argv = ["--arch", arch, "--weights", str(weights), "--images", str(weights)]
     status, out, err = run_main("benchmarks.peer_models", argv, capsys)
     assert status == 2 and out == "" and "requirements-bench.txt" in err
+
+
+@pytest.mark.parametrize(
+    "name, argv",
+    [
+        ("benchmarks.randaugment_check", ["--data-dir", str(CIFAR10_TRAIN), "--images", "4"]),
+        ("export.benchmark", ["--imagenet-variants", "--output-dir", "{tmp}/bench"]),
+    ],
+)
+def test_a_peers_python_that_fails_is_one_line(name, argv, tmp_path, capsys):
+    """A --peers-python without the peers' packages: the benchmark says so in one line (it was
+    a RuntimeError or CalledProcessError traceback), and writes nothing."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 'peer: error: torch is not installed here' >&2\nexit 1\n")
+    python.chmod(0o755)
+    argv = [arg.format(tmp=tmp_path) for arg in argv] + ["--peers-python", str(python)]
+    status, out, err = run_main(name, argv, capsys)
+    assert status == 2 and out == "" and "Traceback" not in err, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("failed with exit code 1: peer: error: torch is not installed here")
+    ), err
+    assert sorted(os.listdir(tmp_path)) == ["python"]

@@ -363,6 +363,29 @@ def test_training_prints_one_json_line_and_the_progress_on_stderr(image_folder, 
     assert json.loads(out)["output_dir"] == str(output) and "step" in err
 
 
+def test_ctrl_c_in_training_is_one_line_that_says_how_to_resume(
+    image_folder, tmp_path, capsys, monkeypatch
+):
+    # (the lock's release on Ctrl-C: test_trainer's interrupted run is resumed by a second one)
+    from training import trainer
+
+    output = tmp_path / "run"
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    argv = ["--data-dir", str(image_folder), "--output-dir", str(output), "--image-size", "16"]
+    assert train.main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    line = captured.err.strip()
+    assert line == (
+        f"python -m training.train: interrupted; the same command resumes from the last backup"
+        f" in {output / 'backup'} (if one was written)"
+    )
+
+
 # --- One convention ------------------------------------------------------------------------
 
 

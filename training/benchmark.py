@@ -189,7 +189,7 @@ def run_benchmark(
 
 def torch_peer(record: dict[str, Any], config, python: str, steps: int, warmup: int) -> dict:
     """PyTorch's eager float32 and bfloat16-autocast img/s for the model ``record`` timed, from
-    ``benchmarks/peer_training.py`` run by ``python``; raises RuntimeError if it fails."""
+    ``benchmarks/peer_training.py`` run by ``python``; raises ``cli.CommandError`` if it fails."""
     arch = {key: record[key] for key in ("dim", "depth", "kernel_size", "patch_size")}
     arch.update(num_classes=record["num_classes"], activation=record["activation"])
     command = [
@@ -201,10 +201,7 @@ def torch_peer(record: dict[str, Any], config, python: str, steps: int, warmup: 
         "--clip-norm", str(config.clip_norm or 1e30),
         "--label-smoothing", str(config.label_smoothing),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"PyTorch's run failed ({python}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return cli.run_json_command(command, f"PyTorch's run ({python})", cwd=REPO_ROOT)
 
 
 def torch_available(python: str) -> bool:

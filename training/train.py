@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -208,13 +209,23 @@ def run(argv: Sequence[str]) -> int:
         cli.emit(record)
         return 0
 
-    from training import trainer  # imports TensorFlow and Keras
+    from training import rundir, trainer  # imports TensorFlow and Keras
 
     try:
         with cli.stdout_to_stderr():  # Keras' progress bar
             metrics = trainer.train(config)
     except trainer.TrainingDivergedError as e:
         return cli.report(PROG, e, status=1)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # On a line of its own: Keras' progress bar ends its lines with a carriage return.
+        print(
+            f"\n{PROG}: interrupted; the same command resumes from the last backup in "
+            f"{os.path.join(config.output_dir, rundir.BACKUP_DIR)} (if one was written)",
+            file=sys.stderr,
+        )
+        return 130
     if metrics:
         cli.emit({"output_dir": config.output_dir, **metrics["final"]})
     return 0
