@@ -144,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("Nothing to measure: give --model FILE or --preset NAME.")
     if args.output:
         files.check_writable(args.output)
-        models = {f"--model {i + 1}": path for i, path in enumerate(args.model)}
+        count = len(args.model)
+        models = {
+            "--model" if count == 1 else f"--model (file {i + 1} of {count})": path
+            for i, path in enumerate(args.model)
+        }
         files.check_not_input({"--output": args.output}, models)
     edge.require("vela")
     edge.require("tflm")
