@@ -80,6 +80,34 @@ def test_zero_workers_is_rejected():
         launch.launch([sys.executable, "-c", "pass"], 0)
 
 
+def test_more_workers_than_free_ports_is_one_error_naming_the_count(monkeypatch):
+    def exhausted(count, host="localhost"):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(launch, "free_ports", exhausted)
+    with pytest.raises(ValueError, match=r"Could not reserve 100000 free ports .*workers=100000"):
+        launch.launch([sys.executable, "-c", "pass"], 100000)
+
+
+def test_a_worker_that_cannot_start_stops_those_started_before_it(monkeypatch):
+    started = []
+    popen = launch.subprocess.Popen
+
+    def second_fails(*args, **kwargs):
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(launch.subprocess, "Popen", second_fails)
+    start = time.monotonic()
+    with pytest.raises(OSError, match="Could not start worker 1 of 3: Resource temporarily"):
+        launch.launch([sys.executable, "-c", "import time; time.sleep(60)"], 3)
+    (first,) = started
+    assert first.poll() is not None  # stopped, not left running without its cluster
+    assert time.monotonic() - start < 30
+
+
 @pytest.mark.slow
 def test_two_workers_train_agree_and_only_the_chief_writes(cifar10_train_dir, tmp_path):
     import keras

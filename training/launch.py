@@ -101,29 +101,43 @@ def launch(
     if not program:
         raise ValueError("No program to launch: give the training arguments after `--`.")
     output = output if output is not None else sys.stderr
-    addresses = [f"{host}:{port}" for port in free_ports(num_workers, host)]
+    try:
+        addresses = [f"{host}:{port}" for port in free_ports(num_workers, host)]
+    except OSError as e:
+        raise ValueError(
+            f"Could not reserve {num_workers} free ports on {host!r} for the workers "
+            f"({e.strerror or e}). Received: workers={num_workers}"
+        ) from e
     lock = threading.Lock()
     processes, threads = [], []
-    for index in range(num_workers):
-        worker_env = dict(os.environ if env is None else env)
-        worker_env["TF_CONFIG"] = make_tf_config(addresses, index)
-        worker_env["PYTHONUNBUFFERED"] = "1"
-        process = subprocess.Popen(
-            list(program),
-            env=worker_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        thread = threading.Thread(
-            target=_stream, args=(f"[worker {index}] ", process.stdout, output, lock), daemon=True
-        )
-        thread.start()
-        processes.append(process)
-        threads.append(thread)
-
     status = 0
     try:
+        # Inside the try: a worker that cannot start stops the ones started before it.
+        for index in range(num_workers):
+            worker_env = dict(os.environ if env is None else env)
+            worker_env["TF_CONFIG"] = make_tf_config(addresses, index)
+            worker_env["PYTHONUNBUFFERED"] = "1"
+            try:
+                process = subprocess.Popen(
+                    list(program),
+                    env=worker_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            except OSError as e:
+                raise OSError(
+                    f"Could not start worker {index} of {num_workers}: {e.strerror or e}"
+                ) from e
+            thread = threading.Thread(
+                target=_stream,
+                args=(f"[worker {index}] ", process.stdout, output, lock),
+                daemon=True,
+            )
+            thread.start()
+            processes.append(process)
+            threads.append(thread)
+
         # Poll every process (not any(): it would stop at the first running one).
         while None in (codes := [p.poll() for p in processes]):
             failed = [code for code in codes if code not in (None, 0)]
