@@ -124,12 +124,18 @@ def check_writable(path: str | os.PathLike) -> str:
 def check_output_dir(path: str | os.PathLike) -> str:
     """Checks that ``path`` can be used as an output folder (it may not exist yet)."""
     path = os.fspath(path)
+    if "://" in path:  # an object store (gs://, s3://): nothing to check here
+        return path
     probe = os.path.abspath(path)
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if probe and not os.path.isdir(probe):
         what = "is a file" if probe == os.path.abspath(path) else f"is under the file {probe!r}"
         raise ValueError(f"Output directory {path!r} {what}, not a directory.")
+    if probe and not os.access(probe, os.W_OK | os.X_OK):  # read-only mount, another's folder
+        raise PermissionError(
+            f"Output directory {path!r} cannot be written: no permission to write in {probe!r}."
+        )
     return path
 
 

@@ -87,3 +87,20 @@ def test_a_folder_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
     files.write_atomic(tmp_path / "other.txt", "x")  # any later write into the folder
     assert (tmp_path / "served" / "saved_model.pb").read_text() == "the previous SavedModel"
     assert sorted(os.listdir(tmp_path)) == ["other.txt", "served"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_work(tmp_path, monkeypatch):
+    # (as root, permissions do not stop writes: the check's os.access is what is tested)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        files.os, "access", lambda p, mode: p != str(locked) and real_access(p, mode)
+    )
+    with pytest.raises(PermissionError, match=r"'.*locked/run/new' cannot be written: .*locked'"):
+        files.check_output_dir(locked / "run" / "new")
+    with pytest.raises(PermissionError, match="no permission to write in"):
+        files.check_writable(locked / "m.tflite")
+    assert files.check_output_dir(tmp_path / "free") == str(tmp_path / "free")
+    assert files.check_output_dir("gs://bucket/run") == "gs://bucket/run"
+    assert os.listdir(locked) == []
