@@ -16,3 +16,8 @@ KERAS_MODULES = ("keras", "tf_keras")
 # Resize methods of the evaluation transform (tf.image.resize's names). timm evaluates the
 # ConvMixer checkpoints with bicubic.
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+
+# The files a training run writes beside its model files (training.rundir), which the tools
+# that take a model file read: its class names and its evaluation settings.
+RUN_CONFIG_FILE = "config.json"
+RUN_CLASS_NAMES_FILE = "class_names.json"

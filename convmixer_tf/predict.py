@@ -24,7 +24,6 @@ print class indices.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -34,14 +33,12 @@ import numpy as np
 import tensorflow as tf
 
 from convmixer_tf import cli, convert, imagenet, presets, saving
-from convmixer_tf.constants import ACTIVATIONS, INTERPOLATIONS
+from convmixer_tf.constants import ACTIVATIONS, INTERPOLATIONS, RUN_CLASS_NAMES_FILE
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 # What a training run writes beside its model files (training.rundir).
-RUN_CONFIG_FILE = "config.json"
-RUN_CLASS_NAMES_FILE = "class_names.json"
 
 
 def class_names(num_classes: int, dataset: str = "imagenet") -> tuple[str, ...] | None:
@@ -158,55 +155,28 @@ def _old_preset_spelling(argv: Sequence[str]) -> list[str]:
 
 def run_settings(model_path: str, num_classes: int) -> tuple[float, str, tuple[str, ...] | None]:
     """``(crop_pct, interpolation, class names)`` for a model file: those of the training run
-    beside it (``config.json``, ``class_names.json``) where they exist, else ImageNet's for a
-    1000-class model and ``(1.0, "bilinear", indices)`` for others.
+    beside it (:func:`convmixer_tf.saving.training_run_settings`) where they exist, else
+    ImageNet's for a 1000-class model and ``(1.0, "bilinear", indices)`` for others.
 
     Raises:
-        ValueError: naming the run's file if it is not what training writes.
+        ValueError: naming the run's file if it is not what training writes, or if its class
+            names do not match the model's outputs.
     """
-    folder = os.path.dirname(os.path.abspath(model_path))
-    crop_pct, interpolation = (
-        (imagenet.CROP_PCT, imagenet.INTERPOLATION)
-        if num_classes == imagenet.NUM_CLASSES
-        else (1.0, "bilinear")
+    imagenet_model = num_classes == imagenet.NUM_CLASSES
+    run = saving.training_run_settings(model_path)
+    crop_pct = run.get("crop_pct", imagenet.CROP_PCT if imagenet_model else 1.0)
+    interpolation = run.get(
+        "interpolation", imagenet.INTERPOLATION if imagenet_model else "bilinear"
     )
     names = class_names(num_classes)
-    config_path = os.path.join(folder, RUN_CONFIG_FILE)
-    if os.path.isfile(config_path):
-        config = _read_json(config_path)
-        if isinstance(config, dict):
-            crop_pct = config.get("crop_pct", crop_pct)
-            interpolation = config.get("interpolation", interpolation)
-        if not (
-            isinstance(config, dict)
-            and isinstance(crop_pct, int | float) and 0 < crop_pct <= 1
-            and interpolation in INTERPOLATIONS
-        ):  # fmt: skip
+    if "class_names" in run:
+        names = tuple(run["class_names"])
+        if len(names) != num_classes:
             raise ValueError(
-                f"{config_path!r} (beside the model) is not a training run's config: "
-                "crop_pct in (0, 1] and interpolation expected."
+                f"{RUN_CLASS_NAMES_FILE!r} beside {model_path!r} lists {len(names)} class names "
+                f"for a model of {num_classes} outputs."
             )
-    names_path = os.path.join(folder, RUN_CLASS_NAMES_FILE)
-    if os.path.isfile(names_path):
-        names = _read_json(names_path)
-        if not (
-            isinstance(names, list) and len(names) == num_classes
-            and all(isinstance(n, str) for n in names)
-        ):  # fmt: skip
-            raise ValueError(
-                f"{names_path!r} (beside the model) must list {num_classes} class names, one "
-                "per output of the model."
-            )
-        names = tuple(names)
     return float(crop_pct), interpolation, names
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path!r} (beside the model) is not valid JSON: {e}") from e
 
 
 def run(args: argparse.Namespace) -> int:

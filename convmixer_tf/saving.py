@@ -9,6 +9,8 @@
   with ``safe_mode=True`` (no Lambda, no pickled functions); legacy HDF5 / SavedModel inputs are
   refused.
 - :func:`save_model` writes a ``.keras`` file atomically (:mod:`convmixer_tf.files`).
+- :func:`training_run_settings` reads what a training run's folder says about a model file in
+  it (class names, evaluation crop and interpolation), for the tools that take a model file.
 
 Example:
     >>> import os, tempfile
@@ -32,7 +34,12 @@ import numpy as np
 
 from convmixer_tf import files
 from convmixer_tf import model as model_lib
-from convmixer_tf.constants import KERAS_MODULES
+from convmixer_tf.constants import (
+    INTERPOLATIONS,
+    KERAS_MODULES,
+    RUN_CLASS_NAMES_FILE,
+    RUN_CONFIG_FILE,
+)
 
 REQUIRED_LAYERS = ("stem_conv", "stem_act", "stem_bn", "blocks_0_dwconv")
 
@@ -307,3 +314,53 @@ def save_model(model, path: str | os.PathLike) -> None:
     deliverable = stock_model(model)
     with files.replacing(path) as tmp:
         deliverable.save(tmp)
+
+
+def training_run_settings(model_path: str | os.PathLike) -> dict:
+    """What the training run's folder says about a model file in it: ``class_names`` (its
+    ``class_names.json``), and ``crop_pct`` and ``interpolation`` of the evaluation transform
+    (its ``config.json``); only the keys whose file is there (``{}`` for a file elsewhere).
+
+    Raises:
+        ValueError: naming a file beside the model that is not what training writes.
+
+    Example:
+        >>> training_run_settings("no-run-here/model.keras")  # no files beside it
+        {}
+    """
+    folder = os.path.dirname(os.path.abspath(os.fspath(model_path)))
+    settings: dict = {}
+    config_path = os.path.join(folder, RUN_CONFIG_FILE)
+    if os.path.isfile(config_path):
+        config = _read_run_json(config_path)
+        crop_pct = config.get("crop_pct", 1.0) if isinstance(config, dict) else None
+        interpolation = (
+            config.get("interpolation", "bilinear") if isinstance(config, dict) else None
+        )
+        if not (
+            isinstance(crop_pct, int | float) and not isinstance(crop_pct, bool)
+            and 0 < crop_pct <= 1 and interpolation in INTERPOLATIONS
+        ):  # fmt: skip
+            raise ValueError(
+                f"{config_path!r} (beside the model) is not a training run's config: "
+                f"crop_pct in (0, 1] and interpolation in {INTERPOLATIONS} expected."
+            )
+        settings.update(crop_pct=float(crop_pct), interpolation=interpolation)
+    names_path = os.path.join(folder, RUN_CLASS_NAMES_FILE)
+    if os.path.isfile(names_path):
+        names = _read_run_json(names_path)
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise ValueError(
+                f"{names_path!r} (beside the model) must be a JSON list of class names, one per "
+                "output of the model."
+            )
+        settings["class_names"] = names
+    return settings
+
+
+def _read_run_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} (beside the model) is not valid JSON: {e}") from e

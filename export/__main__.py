@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Exports as ``args`` say; prints the JSON report on stdout, all logging on stderr."""
-    from convmixer_tf import files
+    from convmixer_tf import files, saving
     from export import pipeline, saved_model
     from training.data import data_source_kwargs
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
          "--vela-config": args.vela_config},
     )  # fmt: skip
     # A training run's folder tells the class names and the evaluation transform.
-    run_settings = pipeline.training_run_settings(args.model)
+    run_settings = saving.training_run_settings(args.model)
     class_names = None if has_data else run_settings.get("class_names")  # the data's win
     overrides = {
         name: run_settings[name]

@@ -25,7 +25,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import convmixer_tf
-from convmixer_tf import cli
+from convmixer_tf import cli, saving
 from training.tta import TTA_MODES, average_logits, view_count
 
 
@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluates as ``args`` say; prints one JSON line."""
+    from export.tflite import read_labels
     from training.data import evaluation_data_kwargs, load_dataset
+    from training.evaluate import check_class_names
 
     classifier = TFLiteClassifier(args.tflite)
     keras_model = convmixer_tf.load_model(args.keras, unsafe=args.unsafe) if args.keras else None
@@ -206,18 +208,32 @@ def run(args: argparse.Namespace) -> int:
     classes = int(classifier.output["shape"][-1])
     if keras_model is not None:
         check_same_task(args.tflite, (height, width), classes, args.keras, keras_model)
-    data = evaluation_data_kwargs(args)
+    # The crop and interpolation of the --keras model's training run, if any; the class names
+    # the export stored in the .tflite (or that run's).
+    run_settings = saving.training_run_settings(args.keras) if args.keras else {}
+    data = evaluation_data_kwargs(args, run_settings)
     dataset, class_names = load_dataset(image_size=(height, width), **data)
     if len(class_names) != classes:
         raise ValueError(
             f"{args.tflite!r} has {classes} outputs but the data has {len(class_names)} "
             f"classes ({list(class_names)[:10]}...)."
         )
+    with open(args.tflite, "rb") as f:
+        blob = f.read()
+    try:
+        stored = read_labels(blob)
+    except (IndexError, UnicodeDecodeError) as e:  # a file that lies about its metadata
+        raise ValueError(f"{args.tflite!r}: its class-name metadata is unreadable ({e}).") from e
+    if stored is not None:
+        check_class_names(class_names, stored, f"the names stored in {args.tflite}")
+    elif "class_names" in run_settings:
+        check_class_names(class_names, run_settings["class_names"], f"{args.keras}'s run")
     result = evaluate(
         args.tflite, dataset.as_numpy_iterator(), keras_model=keras_model,
         num_threads=args.threads, tta=args.tta,
     )  # fmt: skip
-    cli.emit({"split": data["split"], **result})
+    transform = {"crop_pct": data["crop_pct"], "interpolation": data["interpolation"]}
+    cli.emit({"split": data["split"], **transform, **result})
     return 0
 
 

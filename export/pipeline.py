@@ -25,7 +25,6 @@ import numpy as np
 
 import convmixer_tf
 from convmixer_tf import files, imagenet
-from convmixer_tf.constants import INTERPOLATIONS
 from export import quantize, saved_model, tflite
 from export.constants import FORMATS, INTEGER_FORMATS
 from export.options import ExportOptions, parse_depthwise_tile, resolve
@@ -153,36 +152,6 @@ def fixed_input_model(model, input_size: int | None = None):
             "give the export an input size (--input-size)."
         )
     return model
-
-
-def training_run_settings(model_path: str | os.PathLike) -> dict:
-    """What a training run's folder says about the model file in it: ``class_names`` (from
-    ``class_names.json``) and the evaluation ``crop_pct`` and ``interpolation`` (from
-    ``config.json``); an empty dict for a model file outside a run folder."""
-    import json
-
-    from training.rundir import CLASS_NAMES_FILE, CONFIG_FILE
-
-    folder = os.path.dirname(os.path.abspath(os.fspath(model_path)))
-    settings = {}
-    try:
-        with open(os.path.join(folder, CLASS_NAMES_FILE)) as f:
-            names = json.load(f)
-        if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            settings["class_names"] = names
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(os.path.join(folder, CONFIG_FILE)) as f:
-            config = json.load(f)
-        crop_pct, interpolation = config.get("crop_pct"), config.get("interpolation")
-        if isinstance(crop_pct, int | float) and 0 < crop_pct <= 1:
-            settings["crop_pct"] = float(crop_pct)
-        if interpolation in INTERPOLATIONS:
-            settings["interpolation"] = interpolation
-    except (OSError, ValueError):
-        pass
-    return settings
 
 
 def output_paths(fmt: str, output: str | os.PathLike, options: ExportOptions) -> list[str]:

@@ -89,3 +89,48 @@ def test_command_line_prints_one_json_line(tmp_path, capsys):
 
     status = evaluate_lib.main(["--model", str(tmp_path / "missing.keras"), "--data-dir", "x"])
     assert status == 2 and "--model: not found" in capsys.readouterr().err
+
+
+def _run_with_a_framed_class(tmp_path, config: dict, names: list[str]) -> tuple[str, str]:
+    """Data where the class "0_red" is only red in the centre (the frame is green): right with
+    the run's centre crop (crop_pct 0.5), wrong with the whole image. The model in a run folder
+    with ``config`` and ``names`` beside it."""
+    for c, name in enumerate(CLASSES):
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        image = colored(c if c < 3 else None, size=16)
+        if c == 0:
+            image = colored(1, size=16)
+            image[4:12, 4:12] = colored(0, size=8)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    run = tmp_path / "run"
+    run.mkdir()
+    channel_model().save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "class_names.json").write_text(json.dumps(names))
+    return str(run / "model.keras"), str(tmp_path / "data")
+
+
+def test_a_model_in_a_run_folder_is_evaluated_as_the_run_says(tmp_path, capsys):
+    model, data = _run_with_a_framed_class(
+        tmp_path, {"crop_pct": 0.5, "interpolation": "nearest"}, CLASSES
+    )
+    argv = ["--model", model, "--data-dir", data, "--split", "all"]
+    assert evaluate_lib.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["crop_pct"], result["interpolation"], result["top1"]) == (0.5, "nearest", 100)
+    # the options override the run's settings: the whole image, and "0_red" is seen as green
+    assert evaluate_lib.main([*argv, "--crop-pct", "1", "--interpolation", "bilinear"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["crop_pct"], result["interpolation"], result["top1"]) == (1.0, "bilinear", 75)
+
+
+def test_data_whose_classes_are_not_the_runs_is_refused(tmp_path, capsys):
+    names = ["0_red", "1_green", "2_bleu", "3_gray"]  # one folder named otherwise
+    model, data = _run_with_a_framed_class(tmp_path, {}, names)
+    assert evaluate_lib.main(["--model", model, "--data-dir", data, "--split", "all"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "class 2 is '2_blue' in the data but '2_bleu' there" in captured.err
+    assert "class_names.json" in captured.err

@@ -1,6 +1,7 @@
 """export.evaluate: the ai-edge-litert classifier, top-1 and agreement, the CLI's JSON line."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -118,3 +119,23 @@ def test_cli_refuses_models_and_data_that_do_not_match(model, fp32_blob, tmp_pat
         captured = capsys.readouterr()
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1
         assert captured.out == ""
+
+
+def test_cli_refuses_data_whose_classes_are_not_the_stored_names(
+    fp32_blob, tmp_path, cifar10_train_dir, capsys
+):
+    renamed = tmp_path / "renamed"  # CIFAR-10 with "automobile" named "car": another order
+    for name in CIFAR10_CLASSES:
+        (renamed / ("car" if name == "automobile" else name)).mkdir(parents=True)
+        image = sorted((cifar10_train_dir / name).iterdir())[0]
+        (renamed / ("car" if name == "automobile" else name) / image.name).symlink_to(image)
+    tflite_path = tmp_path / "model.tflite"
+    tflite_path.write_bytes(tflite.add_labels(fp32_blob, CIFAR10_CLASSES))
+    assert evaluate.main(["--tflite", str(tflite_path), "--data-dir", str(renamed)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "class 1 is 'bird' in the data but 'automobile' there" in captured.err
+    # the same data against the names stored: accepted
+    tflite_path.write_bytes(tflite.add_labels(fp32_blob, sorted(os.listdir(renamed))))
+    assert evaluate.main(["--tflite", str(tflite_path), "--data-dir", str(renamed)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10

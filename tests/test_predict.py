@@ -97,7 +97,7 @@ def test_predict_a_model_file_with_its_runs_settings_and_names(tmp_path, capsys)
     "config, names, message",
     [
         ({"crop_pct": 2.0}, None, "config.json' (beside the model) is not a training run"),
-        (None, ["cat", "dog"], "must list 3 class names"),
+        (None, ["cat", "dog"], "lists 2 class names for a model of 3 outputs"),
         ([1, 2], None, "is not a training run's config"),
     ],
 )

@@ -728,17 +728,22 @@ def add_evaluation_data_arguments(parser, *, batch_size: int = 64) -> None:
     parser.add_argument("--batch-size", type=cli.positive_int, default=batch_size,
                         help="images per batch")  # fmt: skip
     parser.add_argument(
-        "--crop-pct", type=cli.fraction, default=1.0,
-        help="center crop (timm's crop_pct; 0.96 for the ImageNet presets)",
+        "--crop-pct", type=cli.fraction, default=None,
+        help="center crop (timm's crop_pct; 0.96 for the ImageNet presets). Default: the "
+        "training run's (config.json beside the model), else 1",
     )  # fmt: skip
     parser.add_argument(
-        "--interpolation", default="bilinear", choices=INTERPOLATIONS,
-        help="resize interpolation (bicubic for the ImageNet presets)",
+        "--interpolation", default=None, choices=INTERPOLATIONS,
+        help="resize interpolation (bicubic for the ImageNet presets). Default: the training "
+        "run's, else bilinear",
     )  # fmt: skip
 
 
-def evaluation_data_kwargs(args) -> dict:
-    """:func:`load_dataset` keyword arguments from :func:`add_evaluation_data_arguments`."""
+def evaluation_data_kwargs(args, run_settings: dict | None = None) -> dict:
+    """:func:`load_dataset` keyword arguments from :func:`add_evaluation_data_arguments`; the
+    crop and interpolation not given come from ``run_settings`` (those of the model's training
+    run, :func:`convmixer_tf.saving.training_run_settings`), else 1 and bilinear."""
+    run_settings = run_settings or {}
     source = data_source_kwargs(args)
     split = args.split or default_evaluation_split(
         source["data_dir"], source["val_dir"], source["dataset"]
@@ -747,8 +752,8 @@ def evaluation_data_kwargs(args) -> dict:
         **source,
         split=split,
         batch_size=args.batch_size,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
+        crop_pct=args.crop_pct or run_settings.get("crop_pct", 1.0),
+        interpolation=args.interpolation or run_settings.get("interpolation", "bilinear"),
     )
 
 

@@ -7,6 +7,10 @@ Command line (prints ONE JSON line on stdout; logs go to stderr)::
     python -m training.evaluate --model runs/cifar10_convmixer_256_8/model.keras --dataset cifar10
     python -m training.evaluate ... --tta flip     # or flip-translate: logits averaged over views
 
+A model file in a training run's folder is evaluated with the run's crop and interpolation
+(its ``config.json``; ``--crop-pct`` / ``--interpolation`` override them), and data whose classes
+are not the run's (its ``class_names.json``) is refused: the labels would not match the outputs.
+
 Python::
 
     from training.evaluate import evaluate
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 import convmixer_tf
-from convmixer_tf import cli
+from convmixer_tf import cli, saving
+from convmixer_tf.constants import RUN_CLASS_NAMES_FILE
 from training.data import add_evaluation_data_arguments, evaluation_data_kwargs, load_dataset
 from training.tta import TTA_MODES, average_logits, view_count
 
@@ -101,6 +107,29 @@ def evaluate(
     return result
 
 
+def check_class_names(data_names: Sequence[str], model_names: Sequence[str] | None, source: str):
+    """Refuses data whose classes are not the model's (``model_names``, read from ``source``;
+    None: unknown, nothing to check): its labels would not match the model's outputs.
+
+    Example:
+        >>> check_class_names(["car", "cat"], ["automobile", "cat"], "class_names.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: The data's classes are not the model's (class_names.json): class 0 is ...
+    """
+    if model_names is None or list(data_names) == list(model_names):
+        return
+    if len(data_names) != len(model_names):
+        detail = f"the data has {len(data_names)} classes, the model {len(model_names)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(data_names, model_names, strict=True)) if a != b)
+        detail = f"class {i} is {data_names[i]!r} in the data but {model_names[i]!r} there"
+    raise ValueError(
+        f"The data's classes are not the model's ({source}): {detail}. The labels would not "
+        "match the outputs: name the class folders as the model's classes."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="python -m training.evaluate", description="Evaluate a model: one JSON line."
@@ -124,10 +153,14 @@ def run(args: argparse.Namespace) -> int:
     image_size = args.image_size or model.input_shape[1]
     if image_size is None:
         raise ValueError(f"{args.model!r} has no fixed input size: give --image-size.")
-    data = evaluation_data_kwargs(args)
+    run_settings = saving.training_run_settings(args.model)
+    data = evaluation_data_kwargs(args, run_settings)
     dataset, class_names = load_dataset(image_size=image_size, **data)
+    names_file = os.path.join(os.path.dirname(os.path.abspath(args.model)), RUN_CLASS_NAMES_FILE)
+    check_class_names(class_names, run_settings.get("class_names"), names_file)
     result = evaluate(model, dataset, class_names, tta=args.tta)
-    cli.emit({"model": args.model, "split": data["split"], **result})
+    transform = {"crop_pct": data["crop_pct"], "interpolation": data["interpolation"]}
+    cli.emit({"model": args.model, "split": data["split"], **transform, **result})
     return 0
 
 

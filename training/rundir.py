@@ -36,14 +36,15 @@ import socket
 from typing import Any
 
 from convmixer_tf import files
+from convmixer_tf.constants import RUN_CLASS_NAMES_FILE, RUN_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 MODEL_FILE = "model.keras"
 BEST_FILE = "best.keras"
-CONFIG_FILE = "config.json"
-CLASS_NAMES_FILE = "class_names.json"
+CONFIG_FILE = RUN_CONFIG_FILE  # what the tools that take a model file read beside it
+CLASS_NAMES_FILE = RUN_CLASS_NAMES_FILE
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 BACKUP_DIR = "backup"
