@@ -333,6 +333,7 @@ def training_run_settings(model_path: str | os.PathLike) -> dict:
     config_path = os.path.join(folder, RUN_CONFIG_FILE)
     if os.path.isfile(config_path):
         config = _read_run_json(config_path)
+        # A key the file lacks is left to the caller's default (training writes both).
         crop_pct = config.get("crop_pct", 1.0) if isinstance(config, dict) else None
         interpolation = (
             config.get("interpolation", "bilinear") if isinstance(config, dict) else None
@@ -345,7 +346,10 @@ def training_run_settings(model_path: str | os.PathLike) -> dict:
                 f"{config_path!r} (beside the model) is not a training run's config: "
                 f"crop_pct in (0, 1] and interpolation in {INTERPOLATIONS} expected."
             )
-        settings.update(crop_pct=float(crop_pct), interpolation=interpolation)
+        if "crop_pct" in config:
+            settings["crop_pct"] = float(crop_pct)
+        if "interpolation" in config:
+            settings["interpolation"] = interpolation
     names_path = os.path.join(folder, RUN_CLASS_NAMES_FILE)
     if os.path.isfile(names_path):
         names = _read_run_json(names_path)

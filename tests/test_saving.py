@@ -107,3 +107,27 @@ def test_files_saved_with_fused_layers_still_load(tiny_kwargs, tmp_path):
     model.save(path)
     loaded = convmixer_tf.load_model(path)
     np.testing.assert_array_equal(loaded(pixels()), model(pixels()))
+
+
+def test_training_run_settings_reads_what_the_run_wrote_and_names_what_it_did_not(tmp_path):
+    model = tmp_path / "model.keras"
+    assert saving.training_run_settings(model) == {}
+    (tmp_path / "config.json").write_text('{"epochs": 3}')  # another tool's config: no keys
+    assert saving.training_run_settings(model) == {}
+    (tmp_path / "config.json").write_text('{"crop_pct": 0.875, "interpolation": "bicubic"}')
+    (tmp_path / "class_names.json").write_text('["cat", "dog"]')
+    assert saving.training_run_settings(model) == {
+        "crop_pct": 0.875, "interpolation": "bicubic", "class_names": ["cat", "dog"],
+    }  # fmt: skip
+    for config, names, message in (
+        ('{"crop_pct": 0}', '["cat"]', "config.json' .* is not a training run's config"),
+        ('{"interpolation": "lanczos9"}', '["cat"]', "is not a training run's config"),
+        ("[1, 2]", '["cat"]', "is not a training run's config"),
+        ("{", '["cat"]', "config.json' .* is not valid JSON"),
+        ("{}", '{"0": "cat"}', "class_names.json' .* must be a JSON list of class names"),
+        ("{}", "[]", "must be a JSON list of class names"),
+    ):
+        (tmp_path / "config.json").write_text(config)
+        (tmp_path / "class_names.json").write_text(names)
+        with pytest.raises(ValueError, match=message):
+            saving.training_run_settings(model)
