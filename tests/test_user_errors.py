@@ -191,6 +191,47 @@ def test_rerun_of_a_finished_run_with_another_config_is_refused(tmp_path, image_
     assert (output / "model.keras").read_bytes() == b"a finished run's model"
 
 
+@pytest.mark.slow
+def test_resuming_on_other_data_is_refused_naming_the_change(tmp_path, capsys):
+    """Images added to the folder between a crash and the rerun: the rerun would train on other
+    batches with another held-out split. Refused, naming the change; with the data restored,
+    the run resumes."""
+    import keras
+
+    from training import trainer
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=10)
+    output = tmp_path / "run"
+    argv = ["--data-dir", str(images), "--output-dir", str(output), "--image-size", "16",
+            "--dim", "8", "--depth", "1", "--kernel-size", "3", "--batch-size", "6",
+            "--epochs", "2", "--verbose", "0"]  # fmt: skip
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    config, _ = train.resolve_config(argv)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config, extra_callbacks=[Crash()])
+    backup = resume.read_pointer(str(output / "backup"))
+    assert backup["data"] == {"classes": 2, "train_examples": 18, "steps_per_epoch": 3}
+
+    extra = make_image_folder(tmp_path / "more", classes=3, per_class=10)
+    for i in range(4):
+        os.rename(extra / "class_1" / f"{i:04d}.png", images / "class_1" / f"new{i}.png")
+    assert train.main(argv) == 2
+    err = one_line(capsys, "python -m training.train", chatter=True)
+    assert "(train_examples 18 -> 21)" in err and "--overwrite" in err
+    os.rename(extra / "class_2", images / "class_2")
+    assert train.main(argv) == 2
+    assert "classes added ['class_2'], removed []" in one_line(capsys, "python -m training.train",
+                                                               chatter=True)  # fmt: skip
+    for path in [*images.glob("class_1/new*"), images / "class_2"]:
+        os.rename(path, tmp_path / path.name)
+    assert train.main(argv) == 0  # the same data again: resumed and finished
+    assert json.loads(capsys.readouterr().out)["epoch"] == 2
+
+
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_output_dir_in_the_data_dir_is_refused(image_folder, capsys, where):
     output = image_folder if where == "same" else image_folder / "runs"

@@ -96,11 +96,18 @@ def collect_state(
 
 
 def save_state(
-    model, backup_dir: str, step: int, mid_epoch: bool, arrays: dict | None = None
+    model,
+    backup_dir: str,
+    step: int,
+    mid_epoch: bool,
+    arrays: dict | None = None,
+    data: dict | None = None,
 ) -> str:
     """Writes the training state at ``step`` (a new file, then the pointer); returns its path.
 
-    ``arrays``: the values from :func:`collect_state` (collected here when None).
+    ``arrays``: the values from :func:`collect_state` (collected here when None). ``data``:
+    what the training data was (classes, examples, steps per epoch), kept in the pointer so
+    that a resume can tell whether it continues the same run (:attr:`Backup.data`).
     """
     if arrays is None:
         arrays = collect_state(model, mid_epoch)
@@ -120,7 +127,7 @@ def save_state(
         previous = last.get("previous") if last["file"] == name else last
         previous = {k: v for k, v in previous.items() if k != "previous"} if previous else None
     pointer = {"step": step, "file": name, "mid_epoch": mid_epoch, "counts": counts,
-               "previous": previous}  # fmt: skip
+               "data": data, "previous": previous}  # fmt: skip
     files.write_atomic(os.path.join(backup_dir, POINTER), json.dumps(pointer))
     keep = {name, previous["file"] if previous else None}
     for old in os.listdir(backup_dir):  # keep the current state and the one before
@@ -138,12 +145,14 @@ def _readable_pointer(backup_dir: str) -> dict | None:
 
 @dataclasses.dataclass
 class Backup:
-    """A backup that was read completely: its step, kind and arrays (``group/index``)."""
+    """A backup that was read completely: its step, kind and arrays (``group/index``), and
+    what the training data was when it was written (None: not recorded)."""
 
     step: int
     mid_epoch: bool
     path: str
     arrays: dict[str, np.ndarray]
+    data: dict | None = None
 
 
 def load_backup(backup_dir: str) -> Backup | None:
@@ -170,7 +179,8 @@ def load_backup(backup_dir: str) -> Backup | None:
             continue
         if failures:
             logger.warning("Resuming from the backup before it: %s (step %d)", path, entry["step"])
-        return Backup(int(entry["step"]), bool(entry["mid_epoch"]), path, arrays)
+        data = entry.get("data") if isinstance(entry.get("data"), dict) else None
+        return Backup(int(entry["step"]), bool(entry["mid_epoch"]), path, arrays, data)
     raise ValueError(
         f"No readable backup in {backup_dir!r}: {'; '.join(failures)}. Remove that folder to "
         "start the run over, or add --overwrite."
@@ -247,11 +257,13 @@ def callback_classes(keras):
             chief: bool,
             bound_time: bool = False,
             extra: dict[str, list] | None = None,
+            data: dict | None = None,
         ):
             """``bound_time``: skip a due backup while the last one took more than
             :data:`MAX_BACKUP_TIME_SHARE` of the time since (the default frequency of a
             single-worker run; workers of a multi-worker run must decide alike, by steps).
-            ``extra``: more variable groups to store (:func:`state_variables`)."""
+            ``extra``: more variable groups to store (:func:`state_variables`). ``data``:
+            what the training data is (:func:`save_state`)."""
             super().__init__()
             self.backup_dir = backup_dir
             self.steps_per_epoch = steps_per_epoch
@@ -259,6 +271,7 @@ def callback_classes(keras):
             self.chief = chief
             self.bound_time = bound_time
             self.extra = extra
+            self.data = data
             self._last_end = time.monotonic()
             self._last_duration = 0.0
 
@@ -274,7 +287,7 @@ def callback_classes(keras):
                 logger.warning("Not backing up step %d: the model's weights are not finite", step)
                 return
             if self.chief:
-                save_state(self.model, self.backup_dir, step, mid_epoch, arrays)
+                save_state(self.model, self.backup_dir, step, mid_epoch, arrays, self.data)
             self._last_end = time.monotonic()
             self._last_duration = self._last_end - start
 

@@ -87,6 +87,8 @@ class Training:
         class_names: the class names (the model's output order).
         steps_per_epoch: training steps per epoch.
         skipped: training image files that were unreadable and skipped.
+        train_dataset_from: step -> the training pipeline from that global step.
+        train_examples: training examples per epoch (None for a streamed TFDS split).
     """
 
     config: TrainConfig
@@ -99,6 +101,15 @@ class Training:
     steps_per_epoch: int
     skipped: tuple[str, ...] = ()
     train_dataset_from: Any = None  # step -> the training pipeline from that global step
+    train_examples: int | None = None
+
+    def data_record(self) -> dict:
+        """What the training data is, as backups record it: a resume checks it is unchanged."""
+        return {
+            "classes": len(self.class_names),
+            "train_examples": self.train_examples,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
 
 def keras_of(model) -> Any:
@@ -259,6 +270,7 @@ def build_training(
     return Training(
         config, strategy, keras, model, train_ds, val_ds, class_names, steps, skipped,
         train_dataset_from,
+        train_data.source.num_examples if train_data.source is not None else None,
     )  # fmt: skip
 
 
@@ -290,6 +302,7 @@ def make_callbacks(training: Training, chief: bool, average=None) -> tuple[list,
             training.config.backup_freq is None and distribute.num_workers(training.strategy) == 1
         ),
         extra=_average_state(average),
+        data=training.data_record(),
     )
     # Order matters for a kill at any moment: the epoch's metrics and best checkpoint are
     # written before its backup, so a resumed run never lacks an epoch it will not redo.
@@ -383,6 +396,35 @@ def train(config: TrainConfig, extra_callbacks: list | None = None) -> dict:
             lock.release()
 
 
+def check_same_data(training: Training, backup: resume.Backup, output_dir: str) -> None:
+    """Refuses to resume on other training data than the backup's (images added to or removed
+    from the folder, a class renamed): the run would not continue, it would silently train on
+    other batches with another held-out split."""
+    changes = []
+    names_path = os.path.join(output_dir, CLASS_NAMES_FILE)
+    if os.path.isfile(names_path):
+        try:
+            with open(names_path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{names_path!r} (the run's class names) is not JSON: {e}") from e
+        if before != training.class_names:
+            added = sorted(set(training.class_names) - set(before))
+            removed = sorted(set(before) - set(training.class_names))
+            changes.append(f"classes added {added}, removed {removed}" if added or removed
+                           else "class order")  # fmt: skip
+    recorded = backup.data or {}
+    for key, now in training.data_record().items():
+        if recorded.get(key) is not None and now is not None and recorded[key] != now:
+            changes.append(f"{key} {recorded[key]} -> {now}")
+    if changes:
+        raise ValueError(
+            f"The training data is not the data of the run in {output_dir!r} "
+            f"({'; '.join(changes)}): resuming would train on other batches with another "
+            "held-out split. Restore the data as it was, or add --overwrite to start over."
+        )
+
+
 def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     backup_dir = os.path.join(config.output_dir, BACKUP_DIR)
     backup = resume.load_backup(backup_dir)
@@ -390,6 +432,8 @@ def _train(config: TrainConfig, extra_callbacks: list | None) -> dict:
     config = training.config
     chief = distribute.is_chief(training.strategy)
     output_dir = config.output_dir
+    if backup is not None:
+        check_same_data(training, backup, output_dir)
     if chief:
         os.makedirs(output_dir, exist_ok=True)
         config.to_json(os.path.join(output_dir, CONFIG_FILE))
