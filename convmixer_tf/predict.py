@@ -38,7 +38,6 @@ from convmixer_tf.constants import ACTIVATIONS, INTERPOLATIONS, RUN_CLASS_NAMES_
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
-# What a training run writes beside its model files (training.rundir).
 
 
 def class_names(num_classes: int, dataset: str = "imagenet") -> tuple[str, ...] | None:
