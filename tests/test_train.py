@@ -103,8 +103,11 @@ def test_help_explains_every_config_key(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for key in config_lib.field_names():
-        line = f"  --{key.replace('_', '-')} ("
+        # the option users type: --key, or its other name (the key "model" is --preset)
+        line = f"  --{'preset' if key == 'model' else key.replace('_', '-')} ("
         assert line in text, key
         assert config_lib.HELP[key] in text.split(line, 1)[1].splitlines()[0], key
+    assert "  --preset (convmixer_256_8; recipe key model): " in text
+    assert "  --model (" not in text  # --model is a model file everywhere, not this key
     words = " ".join(text.split())  # argparse wraps the named options' help
-    assert "--preset MODEL a convmixer_tf variant name" in words
+    assert "--preset PRESET a convmixer_tf variant name" in words

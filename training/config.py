@@ -143,7 +143,7 @@ class TrainConfig:
 HELP: dict[str, str] = {
     "description": "free text describing the recipe",
     "recipe": "the recipe the config came from (set by --recipe)",
-    "model": "a convmixer_tf variant name (--preset); dim, depth, kernel_size, patch_size, "
+    "model": "a convmixer_tf variant name (option --preset); dim, depth, kernel_size, patch_size, "
     "activation override its architecture",
     "dim": "channels of every layer (the paper's h)",
     "depth": "number of ConvMixer blocks",

@@ -62,6 +62,14 @@ def _dest(option: str) -> str:
     return "option_" + option[2:].replace("-", "_")
 
 
+def _option_of(key: str) -> str:
+    """The option a config key is typed as: ``--key``, unless it has another name (``model``:
+    ``--preset``, a variant name, since ``--model`` means a model file everywhere)."""
+    plain = "--" + key.replace("_", "-")
+    named = [option for option, k in NAMED_OPTIONS.items() if k == key]
+    return plain if not named or plain in named else named[0]
+
+
 def _keys_epilog() -> str:
     """Every config key as an option, with its default (without a recipe) and meaning."""
     defaults = config_lib.TrainConfig()
@@ -73,7 +81,9 @@ def _keys_epilog() -> str:
     for key in config_lib.field_names():
         value = getattr(defaults, key)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        lines.append(f"  --{key.replace('_', '-')} ({shown}): {config_lib.HELP[key]}")
+        option = _option_of(key)
+        known_as = "" if option == "--" + key.replace("_", "-") else f"; recipe key {key}"
+        lines.append(f"  {option} ({shown}{known_as}): {config_lib.HELP[key]}")
     return "\n".join(lines)
 
 
@@ -87,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="a recipe name (training/recipes/) or a .json path")
     for option, key in NAMED_OPTIONS.items():
         parser.add_argument(
-            option, dest=_dest(option), metavar=key.upper(), help=config_lib.HELP[key]
+            option,
+            dest=_dest(option),
+            metavar=option[2:].replace("-", "_").upper(),
+            help=config_lib.HELP[key],
         )
     parser.add_argument("--model", dest=_dest("--preset"), action=cli.DeprecatedAlias,
                         new_option="--preset", help=argparse.SUPPRESS)  # fmt: skip
