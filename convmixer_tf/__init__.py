@@ -14,10 +14,11 @@ paper's variants), :mod:`~convmixer_tf.constants` (shared choices and defaults),
 :mod:`~convmixer_tf.fused` (CPU-fast training layers), :mod:`~convmixer_tf.saving` (load, save,
 rebuild, a training run's files beside a model), :mod:`~convmixer_tf.pretrained` and
 :mod:`~convmixer_tf.torch_pickle` (the paper's PyTorch checkpoints, read without PyTorch),
-:mod:`~convmixer_tf.imagenet` (evaluation preprocessing, class names), :mod:`~convmixer_tf.files` (atomic writes),
-:mod:`~convmixer_tf.image_files` (image sizes from headers), :mod:`~convmixer_tf.cli` (the
-command-line convention); commands: :mod:`~convmixer_tf.convert` (PyTorch checkpoint ->
-``.keras``) and :mod:`~convmixer_tf.predict` (classify image files).
+:mod:`~convmixer_tf.imagenet` (evaluation preprocessing, class names),
+:mod:`~convmixer_tf.files` (atomic writes), :mod:`~convmixer_tf.image_files` (image sizes from
+headers), :mod:`~convmixer_tf.cli` (the command-line convention); commands:
+:mod:`~convmixer_tf.convert` (PyTorch checkpoint -> ``.keras``) and :mod:`~convmixer_tf.predict`
+(classify image files).
 """
 
 import importlib
