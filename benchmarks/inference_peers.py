@@ -122,52 +122,52 @@ def benchmark_model(name: str, kernel: int | None, args) -> list[dict]:
             if args.peers_python:
                 peers.append(run_peers(args.peers_python, arch, weights, images, args))
 
-        from export.evaluate import TFLiteClassifier
+    from export.evaluate import TFLiteClassifier
 
-        peak = matmul_peak_gflops(args.threads)
-        bound_ms = 2 * forward_macs(model) / (peak * 1e9) * 1e3
-        scale = float(np.abs(reference).max())
-        rows = []
-        for key, blob in blobs.items():
-            logits = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
+    peak = matmul_peak_gflops(args.threads)
+    bound_ms = 2 * forward_macs(model) / (peak * 1e9) * 1e3
+    scale = float(np.abs(reference).max())
+    rows = []
+    for key, blob in blobs.items():
+        logits = TFLiteClassifier(blob, num_threads=args.threads).predict(probe)
+        rows.append(
+            {
+                "engine": "ours (.tflite, XNNPACK)",
+                "format": key,
+                "ms": float(np.median(times[key])),
+                "partitions": xnnpack_partitions(blob),
+                "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
+            }
+        )
+    if peers:
+        for engine, key in (("ONNX Runtime", "ort_fp32"), ("ONNX Runtime", "ort_int8"),
+                            ("PyTorch eager", "torch_eager")):  # fmt: skip
+            if f"{key}_ms" not in peers[0]:
+                continue
+            logits = np.asarray(peers[0].get(f"{key}_logits", peers[0]["torch_logits"]))
+            version = peers[0].get("onnxruntime" if key.startswith("ort") else "torch", "")
             rows.append(
                 {
-                    "engine": "ours (.tflite, XNNPACK)",
-                    "format": key,
-                    "ms": float(np.median(times[key])),
-                    "partitions": xnnpack_partitions(blob),
+                    "engine": f"{engine} {version}",
+                    "format": "int8" if "int8" in key else "fp32",
+                    "ms": float(np.median([p[f"{key}_ms"] for p in peers])),
                     "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
                 }
             )
-        if peers:
-            for engine, key in (("ONNX Runtime", "ort_fp32"), ("ONNX Runtime", "ort_int8"),
-                                ("PyTorch eager", "torch_eager")):  # fmt: skip
-                if f"{key}_ms" not in peers[0]:
-                    continue
-                logits = np.asarray(peers[0].get(f"{key}_logits", peers[0]["torch_logits"]))
-                version = peers[0].get("onnxruntime" if key.startswith("ort") else "torch", "")
-                rows.append(
-                    {
-                        "engine": f"{engine} {version}",
-                        "format": "int8" if "int8" in key else "fp32",
-                        "ms": float(np.median([p[f"{key}_ms"] for p in peers])),
-                        "max_diff_vs_keras": float(np.abs(logits - reference).max()) / scale,
-                    }
-                )
-        ort = {r["format"]: r["ms"] for r in rows if r["engine"].startswith("ONNX Runtime")}
-        for row in rows:
-            base = ort.get("int8" if row["format"].startswith(("int8", "qat")) else "fp32")
-            row["vs_onnxruntime"] = row["ms"] / base if base else None
-            row["over_fp32_bound"] = row["ms"] / bound_ms
-            row.update(
-                model=name,
-                kernel=arch["kernel_size"],
-                threads=args.threads,
-                peak_gflops=round(peak, 1),
-                bound_ms=round(bound_ms, 2),
-            )
-            print(json.dumps(row), file=sys.stderr)
-        return rows
+    ort = {r["format"]: r["ms"] for r in rows if r["engine"].startswith("ONNX Runtime")}
+    for row in rows:
+        base = ort.get("int8" if row["format"].startswith(("int8", "qat")) else "fp32")
+        row["vs_onnxruntime"] = row["ms"] / base if base else None
+        row["over_fp32_bound"] = row["ms"] / bound_ms
+        row.update(
+            model=name,
+            kernel=arch["kernel_size"],
+            threads=args.threads,
+            peak_gflops=round(peak, 1),
+            bound_ms=round(bound_ms, 2),
+        )
+        print(json.dumps(row), file=sys.stderr)
+    return rows
 
 
 def table(rows: list[dict], flags: list[str]) -> str:

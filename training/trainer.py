@@ -401,18 +401,12 @@ def check_same_data(training: Training, backup: resume.Backup, output_dir: str) 
     from the folder, a class renamed): the run would not continue, it would silently train on
     other batches with another held-out split."""
     changes = []
-    names_path = os.path.join(output_dir, CLASS_NAMES_FILE)
-    if os.path.isfile(names_path):
-        try:
-            with open(names_path, encoding="utf-8") as f:
-                before = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{names_path!r} (the run's class names) is not JSON: {e}") from e
-        if before != training.class_names:
-            added = sorted(set(training.class_names) - set(before))
-            removed = sorted(set(before) - set(training.class_names))
-            changes.append(f"classes added {added}, removed {removed}" if added or removed
-                           else "class order")  # fmt: skip
+    # The run's class_names.json, read (and checked) as every tool reads a run's files.
+    before = saving.training_run_settings(os.path.join(output_dir, MODEL_FILE)).get("class_names")
+    if before is not None and before != training.class_names:
+        added = sorted(set(training.class_names) - set(before))
+        removed = sorted(set(before) - set(training.class_names))
+        changes.append(f"classes added {added}, removed {removed}")
     recorded = backup.data or {}
     for key, now in training.data_record().items():
         if recorded.get(key) is not None and now is not None and recorded[key] != now:
